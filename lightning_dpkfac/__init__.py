@@ -1,0 +1,13 @@
+"""lightning-dpkfac: K-FAC with distributed preconditioning (DP-KFAC) as a PyTorch Lightning strategy.
+
+Importing the package registers the strategies "dpkfac" and "dkfac" with
+``lightning.pytorch.strategies.StrategyRegistry`` (not ``pytorch_lightning``'s, a separate registry).
+"""
+
+from lightning_dpkfac.config import KFACConfig
+from lightning_dpkfac.layers import UnsupportedLayerError
+from lightning_dpkfac.preconditioner import KFACPreconditioner
+from lightning_dpkfac.strategy import DPKFACStrategy
+
+__all__ = ["DPKFACStrategy", "KFACConfig", "KFACPreconditioner", "UnsupportedLayerError"]
+__version__ = "0.1.0"

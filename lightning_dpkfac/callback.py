@@ -1,0 +1,67 @@
+"""The Lightning callback that runs the K-FAC step and logs its metrics.
+
+``on_before_optimizer_step`` is the seat: Lightning calls it inside ``optimizer.step(closure)`` after the
+closure ran forward and backward (DDP has averaged the gradients) and after AMP unscaled them, and before
+gradient clipping and the real optimizer step. Under gradient accumulation it runs once per optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from torch.optim import Optimizer
+
+from lightning_dpkfac.comm import KINDS
+
+if TYPE_CHECKING:
+    from lightning_dpkfac.preconditioner import KFACPreconditioner
+
+PHASES = ("factor", "inverse", "precondition", "comm")
+
+
+class KFACCallback(pl.Callback):
+    """Preconditions the gradients of the optimizer that owns the K-FAC layers, then logs, per step:
+    ``kfac/time_<phase>`` (seconds on this rank, phases: factor, inverse, precondition, comm),
+    ``kfac/bytes_<kind>`` (bytes per rank, kinds: gradients, factors, inverses, preconditioned),
+    ``kfac/damping`` and ``kfac/kl_lr``.
+
+    Args:
+        preconditioner: the engine the strategy built.
+        log_every_n_steps: log every this many optimizer steps (default: 1; the Trainer's own
+            ``log_every_n_steps`` still decides what reaches the logger).
+    """
+
+    def __init__(self, preconditioner: KFACPreconditioner, log_every_n_steps: int = 1) -> None:
+        self.preconditioner = preconditioner
+        self.log_every_n_steps = log_every_n_steps
+        self._covered = {id(layer.weight) for layer in preconditioner.layers}
+        self._last_times: dict[str, float] = {}
+        self._last_bytes: dict[str, float] = {}
+
+    def _owns_kfac_layers(self, optimizer: Optimizer) -> bool:
+        return any(id(p) in self._covered for group in optimizer.param_groups for p in group["params"])
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        if not self._owns_kfac_layers(optimizer):
+            return
+        pre = self.preconditioner
+        lr = None if pre.config.lr is not None else optimizer.param_groups[0]["lr"]
+        step = pre.steps
+        pre.step(lr=lr)
+        if step % self.log_every_n_steps == 0:
+            pl_module.log_dict(self._metrics(step, lr), on_step=True, on_epoch=False)
+
+    def _metrics(self, step: int, lr: float | None) -> dict[str, Any]:
+        pre = self.preconditioner
+        times, sent = dict(pre.timings), pre.bytes_sent
+        metrics: dict[str, Any] = {}
+        for phase in PHASES:
+            metrics[f"kfac/time_{phase}"] = times.get(phase, 0.0) - self._last_times.get(phase, 0.0)
+        for kind in KINDS:
+            metrics[f"kfac/bytes_{kind}"] = sent.get(kind, 0.0) - self._last_bytes.get(kind, 0.0)
+        metrics["kfac/damping"] = float(pre.config.value("damping", step))
+        if lr is not None or pre.config.lr is not None:
+            metrics["kfac/kl_lr"] = float(lr if lr is not None else pre.config.value("lr", step))
+        self._last_times, self._last_bytes = times, sent
+        return metrics

@@ -1,0 +1,114 @@
+"""Bucketed asynchronous collectives on a ``torch.distributed`` process group, with byte counters.
+
+Byte counters record, per kind of traffic, the bytes one rank moves on average under a bandwidth-optimal
+algorithm (the convention of the DP-KFAC paper and of ``lightning_dpkfac.plan``), for a payload of
+``m`` bytes on ``P`` ranks:
+
+- all-reduce: ``2 (P - 1) / P * m`` (ring: reduce-scatter then all-gather);
+- broadcast:  ``(P - 1) / P * m`` (the ``(P - 1) m`` bytes that must reach the receivers, over P ranks).
+
+With one rank every collective is skipped and counts 0.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+KINDS = ("gradients", "factors", "inverses", "preconditioned")
+
+
+class Communicator:
+    """Collectives of one process group, packed into buckets of at most ``bucket_cap_bytes``."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, bucket_cap_bytes: int = 25 * 2**20) -> None:
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.group = group if group is not None or not self.distributed else dist.group.WORLD
+        self.rank = dist.get_rank(self.group) if self.distributed else 0
+        self.world_size = dist.get_world_size(self.group) if self.distributed else 1
+        self.bucket_cap_bytes = bucket_cap_bytes
+        self.bytes_sent: dict[str, float] = defaultdict(float)
+
+    def count(self, kind: str, collective: str, nbytes: int) -> None:
+        """Add the per-rank traffic of one ``collective`` ("all_reduce" or "broadcast") of ``nbytes``."""
+        if kind not in KINDS:
+            raise KeyError(f"unknown traffic kind {kind!r}; expected one of {KINDS}")
+        p = self.world_size
+        factor = {"all_reduce": 2 * (p - 1) / p, "broadcast": (p - 1) / p}[collective]
+        self.bytes_sent[kind] += factor * nbytes
+
+    def _global_rank(self, group_rank: int) -> int:
+        if self.group is None or self.group == dist.group.WORLD:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+    def all_reduce_sum(self, tensors: Sequence[Tensor], kind: str) -> None:
+        """Sum each tensor over all ranks, in place."""
+        if self.world_size == 1 or not tensors:
+            return
+        pending = []
+        for bucket in self._buckets(tensors):
+            flat = _pack(bucket)
+            self.count(kind, "all_reduce", flat.numel() * flat.element_size())
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            pending.append((work, flat, bucket))
+        for work, flat, bucket in pending:
+            work.wait()
+            _unpack(flat, bucket)
+
+    def broadcast_from_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], kind: str) -> None:
+        """Overwrite ``tensors[i]`` on every rank with its value on rank ``owners[i]``, in place.
+
+        Tensors of one owner are packed together; all buckets are in flight at once.
+        """
+        if self.world_size == 1 or not tensors:
+            return
+        by_owner: dict[int, list[Tensor]] = defaultdict(list)
+        for tensor, owner in zip(tensors, owners):
+            by_owner[owner].append(tensor)
+        pending = []
+        for owner in sorted(by_owner):
+            for bucket in self._buckets(by_owner[owner]):
+                flat = _pack(bucket)
+                self.count(kind, "broadcast", flat.numel() * flat.element_size())
+                work = dist.broadcast(flat, src=self._global_rank(owner), group=self.group, async_op=True)
+                pending.append((work, flat, bucket, owner))
+        for work, flat, bucket, owner in pending:
+            work.wait()
+            if owner != self.rank:
+                _unpack(flat, bucket)
+
+    def _buckets(self, tensors: Sequence[Tensor]) -> Iterator[list[Tensor]]:
+        """Consecutive runs of same-dtype, same-device tensors of at most ``bucket_cap_bytes`` each
+        (a single larger tensor is a bucket of its own)."""
+        bucket: list[Tensor] = []
+        size = 0
+        for tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            same = not bucket or (tensor.dtype == bucket[0].dtype and tensor.device == bucket[0].device)
+            if bucket and (not same or size + nbytes > self.bucket_cap_bytes):
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(tensor)
+            size += nbytes
+        if bucket:
+            yield bucket
+
+
+def _pack(tensors: list[Tensor]) -> Tensor:
+    # One contiguous tensor is sent as a view of itself: no copy.
+    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+
+
+def _unpack(flat: Tensor, tensors: list[Tensor]) -> None:
+    if len(tensors) == 1 and flat.data_ptr() == tensors[0].data_ptr():
+        return
+    offset = 0
+    for tensor in tensors:
+        n = tensor.numel()
+        tensor.copy_(flat[offset : offset + n].view_as(tensor))
+        offset += n

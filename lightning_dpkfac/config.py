@@ -1,0 +1,117 @@
+"""The one typed configuration of K-FAC, shared by the engine, the Lightning strategy and Hydra.
+
+Every field is validated when the dataclass is built, so a bad value fails before any rank starts work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+METHODS = ("eigen", "inverse")
+MODES = ("dpkfac", "dkfac")
+
+#: Fields that may also be given as a callable ``step -> value`` (a schedule). Hydra only ever passes
+#: numbers: the annotations below stay plain ``float`` so that OmegaConf can type-check them.
+SCHEDULABLE = ("damping", "factor_decay", "kl_clip", "lr")
+
+
+@dataclass
+class KFACConfig:
+    """Hyper-parameters of (DP-)K-FAC.
+
+    Attributes:
+        damping: Tikhonov damping added to the factors (inverse method) or to the eigenvalue products
+            (eigen method); > 0. Factors estimate the per-example Fisher, so it does not depend on the
+            batch size. (default: 1e-3)
+        factor_decay: running-average weight of the *old* factors, in [0, 1):
+            ``F <- decay * F + (1 - decay) * F_new``; 0 keeps only the newest. (default: 0.95)
+        kl_clip: KL-clip bound (> 0) on ``lr^2 * sum(P * grad)``; ``None`` disables clipping.
+            (default: 1e-3)
+        lr: learning rate used by KL-clip; ``None`` means "read it from the optimizer" (the Lightning
+            strategy does) or pass it to ``KFACPreconditioner.step(lr=...)``. (default: None)
+        factor_update_steps: build new factors every this many optimizer steps; >= 1. (default: 1)
+        inv_update_steps: recompute inverses/eigendecompositions every this many steps; a multiple of
+            ``factor_update_steps``. (default: 10)
+        method: ``"eigen"`` (eigendecomposition, damping on the Kronecker eigenvalues) or ``"inverse"``
+            (damped inverse of each factor). (default: "eigen")
+        mode: ``"dpkfac"`` (each layer's factors built and kept by its owner only, from its local batch)
+            or ``"dkfac"`` (every rank builds every factor, factors all-reduced: the D-KFAC baseline).
+            (default: "dpkfac")
+        skip_layers: module names (as in ``model.named_modules()``) or class names whose layers keep
+            their plain gradient. (default: [])
+        bucket_cap_mb: size cap of one communication bucket in MiB; > 0. (default: 25.0)
+
+    ``damping``, ``factor_decay``, ``kl_clip`` and ``lr`` also accept a callable of the optimizer step
+    (an ``int`` starting at 0) returning the value, in the Python API.
+    """
+
+    damping: float = 1e-3
+    factor_decay: float = 0.95
+    kl_clip: float | None = 1e-3
+    lr: float | None = None
+    factor_update_steps: int = 1
+    inv_update_steps: int = 10
+    method: str = "eigen"
+    mode: str = "dpkfac"
+    skip_layers: list[str] = field(default_factory=list)
+    bucket_cap_mb: float = 25.0
+
+    def __post_init__(self) -> None:
+        for name in ("factor_update_steps", "inv_update_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= 1.")
+        if self.inv_update_steps % self.factor_update_steps != 0:
+            raise ValueError(
+                f"inv_update_steps={self.inv_update_steps} is invalid: it must be a multiple of "
+                f"factor_update_steps={self.factor_update_steps} (e.g. "
+                f"{self.factor_update_steps * max(1, round(self.inv_update_steps / self.factor_update_steps))})."
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is invalid: it must be one of {METHODS}.")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is invalid: it must be one of {MODES}.")
+        if not isinstance(self.bucket_cap_mb, (int, float)) or not self.bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb!r} is invalid: it must be > 0.")
+        if isinstance(self.skip_layers, str) or not all(isinstance(s, str) for s in self.skip_layers):
+            raise ValueError(f"skip_layers={self.skip_layers!r} is invalid: it must be a list of strings.")
+        self.skip_layers = list(self.skip_layers)
+        for name in SCHEDULABLE:
+            value = getattr(self, name)
+            if not callable(value):
+                check_value(name, value)
+
+    def value(self, name: str, step: int) -> Any:
+        """The value of hyper-parameter ``name`` at optimizer step ``step``, schedules evaluated and checked."""
+        value = getattr(self, name)
+        if callable(value):
+            value = value(step)
+            check_value(name, value, f" (returned by its schedule at step {step})")
+        return value
+
+    def replace(self, **changes: Any) -> KFACConfig:
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_value(name: str, value: Any, where: str = "") -> None:
+    """Raise ``ValueError`` naming ``name``, ``value`` and the allowed range if ``value`` is out of it."""
+    if name == "damping":
+        ok, allowed = _is_number(value) and value > 0, "a number > 0"
+    elif name == "factor_decay":
+        ok, allowed = _is_number(value) and 0 <= value < 1, "a number in [0, 1)"
+    elif name == "kl_clip":
+        ok, allowed = value is None or (_is_number(value) and value > 0), "None or a number > 0"
+    elif name == "lr":
+        ok, allowed = value is None or (_is_number(value) and value >= 0), "None or a number >= 0"
+    else:  # pragma: no cover - guarded by SCHEDULABLE
+        raise KeyError(name)
+    if not ok:
+        raise ValueError(f"{name}={value!r}{where} is invalid: it must be {allowed}.")

@@ -1,0 +1,169 @@
+"""Per layer type: which tensors K-FAC needs, how they become Kronecker factors, and the gradient view.
+
+Conventions (Martens & Grosse; factors estimate the *per-example* Fisher, so damping means the same at
+any batch size). For a layer with weight ``W`` (d_g x ...) and optional bias, ``[W | b]`` is one
+(d_g x d_a) matrix.
+
+- ``a`` rows: the layer input, one row per (example, location), with a column of ones when there is a bias.
+  ``A = a^T a / rows``: the mean outer product over all rows.
+- ``g`` rows: the gradient of the loss w.r.t. the layer output, one row per (example, location), times the
+  batch size ``B`` (the loss is a mean over the batch). ``G = g^T g / B``: per example the sum over its
+  locations, averaged over examples (KFC, Grosse & Martens 2016).
+- "Locations" are the spatial positions of a Conv2d, and for a Linear every leading dimension after the
+  first: a Linear on a (B, T, d_in) input treats its T positions like a convolution's locations. ``B`` is
+  always ``input.shape[0]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer that K-FAC cannot precondition exactly; the message names the layer and the fix."""
+
+
+class KFACLayer(ABC):
+    """One K-FAC-covered module: builds its factors and reads/writes its gradient as a matrix."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def weight(self) -> Tensor:
+        weight = self.module.weight
+        assert isinstance(weight, Tensor)
+        return weight
+
+    @property
+    def d_g(self) -> int:
+        """Size of the output-gradient factor G (output features / channels)."""
+        return self.weight.shape[0]
+
+    @property
+    def d_a(self) -> int:
+        """Size of the input factor A (input features x kernel size, +1 with a bias)."""
+        return self.weight[0].numel() + int(self.has_bias)
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters preconditioned: d_g * d_a."""
+        return self.d_g * self.d_a
+
+    @abstractmethod
+    def input_rows(self, x: Tensor) -> Tensor:
+        """The input as rows (examples x locations, d_in_total), without the bias column."""
+
+    @abstractmethod
+    def output_grad_rows(self, gy: Tensor) -> Tensor:
+        """The output gradient as rows (examples x locations, d_g), unscaled."""
+
+    def a_factor(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``A`` (d_a x d_a, ``dtype``) from one batch of layer inputs ``x``."""
+        rows = self.input_rows(x).to(dtype)
+        if self.has_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows.T @ rows / rows.shape[0]
+
+    def g_factor(self, gy: Tensor, dtype: torch.dtype) -> Tensor:
+        """``G`` (d_g x d_g, ``dtype``) from one batch of output gradients ``gy`` of a batch-mean loss."""
+        batch = gy.shape[0]
+        rows = self.output_grad_rows(gy).to(dtype) * batch
+        return rows.T @ rows / batch
+
+    def grad_matrix(self) -> Tensor | None:
+        """The gradient as a (d_g x d_a) matrix ``[dW | db]``, or ``None`` when the weight has no grad."""
+        grad = self.weight.grad
+        if grad is None:
+            return None
+        matrix = grad.reshape(self.d_g, -1)
+        if self.has_bias:
+            bias_grad = self.module.bias.grad
+            if bias_grad is None:
+                bias_grad = torch.zeros_like(self.module.bias)
+            matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
+        return matrix
+
+    def set_grad_matrix(self, matrix: Tensor) -> None:
+        """Write a (d_g x d_a) matrix back into ``weight.grad`` (and ``bias.grad``)."""
+        weight = self.weight
+        assert weight.grad is not None
+        n_w = weight[0].numel()
+        weight.grad.copy_(matrix[:, :n_w].reshape(weight.shape))
+        if self.has_bias:
+            bias = self.module.bias
+            if bias.grad is None:
+                bias.grad = torch.zeros_like(bias)
+            bias.grad.copy_(matrix[:, n_w])
+
+
+class LinearLayer(KFACLayer):
+    """``nn.Linear`` on inputs of shape (B, ..., d_in)."""
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1])
+
+    def output_grad_rows(self, gy: Tensor) -> Tensor:
+        return gy.reshape(-1, gy.shape[-1])
+
+
+class Conv2dLayer(KFACLayer):
+    """``nn.Conv2d`` with any stride, dilation, kernel shape, padding (int, tuple, 'same', 'valid') and
+    padding mode; ``groups`` must be 1."""
+
+    def __init__(self, name: str, module: nn.Conv2d) -> None:
+        if module.groups != 1:
+            raise UnsupportedLayerError(
+                f"Layer '{name}' is a Conv2d with groups={module.groups}; K-FAC here supports groups=1 only. "
+                f"Fix: add '{name}' to skip_layers (it then keeps its plain gradient)."
+            )
+        super().__init__(name, module)
+        self._pad = self._padding_per_side(module)
+
+    @staticmethod
+    def _padding_per_side(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) padding, as ``F.pad`` takes it, matching the module's own forward."""
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        if conv.padding == "same":
+            sides = []
+            for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+                total = d * (k - 1)
+                sides += [total // 2, total - total // 2]  # PyTorch puts the odd pixel on the right/bottom
+            return (sides[0], sides[1], sides[2], sides[3])
+        ph, pw = conv.padding  # type: ignore[misc]
+        return (pw, pw, ph, ph)
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """im2col patches (B, C*kh*kw, L) of input ``x`` (B, C, H, W)."""
+        conv = self.module
+        assert isinstance(conv, nn.Conv2d)
+        if any(self._pad):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, self._pad, mode=mode)
+        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        patches = self._patches(x)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    def output_grad_rows(self, gy: Tensor) -> Tensor:
+        return gy.transpose(1, -1).reshape(-1, gy.shape[1])
+
+
+def make_layer(name: str, module: nn.Module) -> KFACLayer | None:
+    """The K-FAC helper for ``module``, or ``None`` for a module type K-FAC does not cover."""
+    if isinstance(module, nn.Linear):
+        return LinearLayer(name, module)
+    if isinstance(module, nn.Conv2d):
+        return Conv2dLayer(name, module)
+    return None

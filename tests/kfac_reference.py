@@ -1,0 +1,164 @@
+"""A dense K-FAC reference, written from the formulas and independent of the package under test.
+
+Patches come from explicit slicing loops (not ``unfold``), inverses from ``torch.linalg`` on explicit
+Kronecker products, all in float64:
+
+    inverse method:  vec(P) = ((A + l I)^-1 kron (G + l I)^-1) vec(grad)
+    eigen method:    vec(P) = (A kron G + l I)^-1 vec(grad)
+
+with ``vec`` stacking columns, so ``vec(G X A) = (A kron G) vec(X)`` for symmetric A.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def input_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """Rows (examples x locations, d_a) of the layer input, with a ones column for a bias."""
+    x = x.double()
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        assert isinstance(module, nn.Conv2d)
+        rows = conv_patches_by_loops(module, x)
+    if module.bias is not None:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
+    return rows
+
+
+def conv_patches_by_loops(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """(B * H_out * W_out, C * kh * kw) patches, gathered position by position from the padded input."""
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    if conv.padding == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        pad = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    elif conv.padding == "valid":
+        pad = (0, 0, 0, 0)
+    else:
+        ph, pw = conv.padding
+        pad = (pw, pw, ph, ph)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x, pad, mode=mode)
+    h_out = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    w_out = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for b in range(x.shape[0]):
+        for i in range(h_out):
+            for j in range(w_out):
+                patch = xp[b, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+                rows.append(patch.reshape(-1))
+    return torch.stack(rows)
+
+
+def output_grad_rows(gy: Tensor) -> Tensor:
+    """Rows (examples x locations, d_g) of the output gradient (channels last)."""
+    gy = gy.double()
+    if gy.dim() == 4:
+        gy = gy.permute(0, 2, 3, 1)
+    return gy.reshape(-1, gy.shape[-1])
+
+
+def batch_factors(module: nn.Module, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
+    """``A`` = mean outer product of input rows; ``G`` = per-example sum of (B * g)(B * g)^T, averaged."""
+    a = input_rows(module, x)
+    g = output_grad_rows(gy) * gy.shape[0]
+    return a.T @ a / a.shape[0], g.T @ g / gy.shape[0]
+
+
+def grad_matrix(module: nn.Module) -> Tensor:
+    """[dW | db] as a (d_g x d_a) float64 matrix."""
+    m = module.weight.grad.double().reshape(module.weight.shape[0], -1)
+    if module.bias is not None:
+        m = torch.cat([m, module.bias.grad.double().reshape(-1, 1)], dim=1)
+    return m
+
+
+def vec(m: Tensor) -> Tensor:
+    return m.T.reshape(-1)
+
+
+def unvec(v: Tensor, rows: int, cols: int) -> Tensor:
+    return v.reshape(cols, rows).T
+
+
+def precondition(A: Tensor, G: Tensor, grad: Tensor, damping: float, method: str) -> Tensor:
+    """Dense preconditioned gradient from explicit Kronecker products."""
+    n = A.shape[0] * G.shape[0]
+    if method == "inverse":
+        ia = torch.linalg.inv(A + damping * torch.eye(A.shape[0], dtype=A.dtype))
+        ig = torch.linalg.inv(G + damping * torch.eye(G.shape[0], dtype=G.dtype))
+        v = torch.kron(ia, ig) @ vec(grad)
+    else:
+        v = torch.linalg.solve(torch.kron(A, G) + damping * torch.eye(n, dtype=A.dtype), vec(grad))
+    return unvec(v, grad.shape[0], grad.shape[1])
+
+
+def capture(model: nn.Module, names: list[str], x: Tensor, y: Tensor, loss_fn) -> dict[str, tuple[Tensor, Tensor]]:
+    """Run forward/backward of a copy of ``model`` with every in-place op turned off and return, per layer
+    name, its input and the gradient of the loss w.r.t. its output."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    modules = dict(ref.named_modules())
+    seen: dict[str, list[Tensor]] = {}
+
+    def hook(name: str):
+        def fn(module, inputs, output):
+            output.retain_grad()
+            seen[name] = [inputs[0].detach(), output]
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    loss_fn(ref(x), y).backward()
+    for h in handles:
+        h.remove()
+    return {n: (seen[n][0], seen[n][1].grad) for n in names}
+
+
+@dataclass
+class ReferenceKFAC:
+    """Dense single-stream K-FAC over named layers, mirroring the documented update rules."""
+
+    damping: float
+    factor_decay: float
+    kl_clip: float | None
+    lr: float
+    factor_update_steps: int
+    inv_update_steps: int
+    method: str
+    steps: int = 0
+    A: dict[str, Tensor] = field(default_factory=dict)
+    G: dict[str, Tensor] = field(default_factory=dict)
+    frozen: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # factors at the last decomposition
+    kl_scales: list[float] = field(default_factory=list)  # nu of every step
+
+    def update(self, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Fold one step's batch factors in (call every step; ignored off the factor schedule)."""
+        if self.steps % self.factor_update_steps == 0:
+            d = self.factor_decay
+            for name, (a, g) in factors.items():
+                self.A[name] = a if name not in self.A else d * self.A[name] + (1 - d) * a
+                self.G[name] = g if name not in self.G else d * self.G[name] + (1 - d) * g
+        if self.steps % self.inv_update_steps == 0:
+            self.frozen = {n: (self.A[n].clone(), self.G[n].clone()) for n in self.A}
+
+    def precondition_all(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Preconditioned gradients of every layer, KL-clipped together; advances the step."""
+        out = {n: precondition(*self.frozen[n], g, self.damping, self.method) for n, g in grads.items()}
+        if self.kl_clip is not None:
+            vg = sum((out[n] * grads[n]).sum() for n in grads) * self.lr**2
+            nu = min(1.0, float(torch.sqrt(self.kl_clip / vg.abs())))
+            self.kl_scales.append(nu)
+            out = {n: p * nu for n, p in out.items()}
+        self.steps += 1
+        return out
