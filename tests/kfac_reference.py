@@ -11,7 +11,7 @@ with ``vec`` stacking columns, so ``vec(G X A) = (A kron G) vec(X)`` for symmetr
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -101,10 +101,13 @@ def precondition(A: Tensor, G: Tensor, grad: Tensor, damping: float, method: str
     return unvec(v, grad.shape[0], grad.shape[1])
 
 
-def capture(model: nn.Module, names: list[str], x: Tensor, y: Tensor, loss_fn) -> dict[str, tuple[Tensor, Tensor]]:
-    """Run forward/backward of a copy of ``model`` with every in-place op turned off and return, per layer
-    name, its input and the gradient of the loss w.r.t. its output."""
-    ref = copy.deepcopy(model)
+def capture(
+    build: Callable[[], nn.Module], model: nn.Module, names: list[str], x: Tensor, y: Tensor, loss_fn: Callable
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Run forward/backward of a fresh ``build()`` holding ``model``'s weights, with every in-place op
+    turned off, and return per layer name its input and the gradient of the loss w.r.t. its output."""
+    ref = build().to(next(model.parameters()).dtype)
+    ref.load_state_dict(model.state_dict())
     for m in ref.modules():
         if hasattr(m, "inplace"):
             m.inplace = False
@@ -125,9 +128,26 @@ def capture(model: nn.Module, names: list[str], x: Tensor, y: Tensor, loss_fn) -
     return {n: (seen[n][0], seen[n][1].grad) for n in names}
 
 
+def precondition_layers(
+    frozen: dict[str, tuple[Tensor, Tensor]],
+    grads: dict[str, Tensor],
+    damping: float,
+    method: str,
+    kl_clip: float | None,
+    lr: float,
+) -> tuple[dict[str, Tensor], float]:
+    """Preconditioned gradient of every layer from its (A, G), KL-clipped together; returns (P, nu)."""
+    out = {n: precondition(*frozen[n], g, damping, method) for n, g in grads.items()}
+    nu = 1.0
+    if kl_clip is not None:
+        vg = sum((out[n] * grads[n]).sum() for n in grads) * lr**2
+        nu = min(1.0, float(torch.sqrt(kl_clip / vg.abs())))
+    return {n: p * nu for n, p in out.items()}, nu
+
+
 @dataclass
 class ReferenceKFAC:
-    """Dense single-stream K-FAC over named layers, mirroring the documented update rules."""
+    """Dense K-FAC of one stream of batches, mirroring the documented update rules."""
 
     damping: float
     factor_decay: float
@@ -143,7 +163,7 @@ class ReferenceKFAC:
     kl_scales: list[float] = field(default_factory=list)  # nu of every step
 
     def update(self, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
-        """Fold one step's batch factors in (call every step; ignored off the factor schedule)."""
+        """One step's factor schedule: fold the batch factors in, refresh ``frozen``; advances the step."""
         if self.steps % self.factor_update_steps == 0:
             d = self.factor_decay
             for name, (a, g) in factors.items():
@@ -151,14 +171,10 @@ class ReferenceKFAC:
                 self.G[name] = g if name not in self.G else d * self.G[name] + (1 - d) * g
         if self.steps % self.inv_update_steps == 0:
             self.frozen = {n: (self.A[n].clone(), self.G[n].clone()) for n in self.A}
+        self.steps += 1
 
     def precondition_all(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Preconditioned gradients of every layer, KL-clipped together; advances the step."""
-        out = {n: precondition(*self.frozen[n], g, self.damping, self.method) for n, g in grads.items()}
-        if self.kl_clip is not None:
-            vg = sum((out[n] * grads[n]).sum() for n in grads) * self.lr**2
-            nu = min(1.0, float(torch.sqrt(self.kl_clip / vg.abs())))
-            self.kl_scales.append(nu)
-            out = {n: p * nu for n, p in out.items()}
-        self.steps += 1
+        """Preconditioned gradients of every layer with this stream's factors."""
+        out, nu = precondition_layers(self.frozen, grads, self.damping, self.method, self.kl_clip, self.lr)
+        self.kl_scales.append(nu)
         return out

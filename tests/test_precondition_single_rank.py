@@ -83,7 +83,7 @@ def run_against_reference(
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(steps):
         x, y = torch.randn(BATCH, *in_shape, dtype=dtype), torch.randint(0, 3, (BATCH,))
-        captured = ref.capture(model, names, x, y, F.cross_entropy)
+        captured = ref.capture(build, model, names, x, y, F.cross_entropy)
         dense.update({n: ref.batch_factors(modules[n], *captured[n]) for n in names})
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -127,11 +127,14 @@ def test_float32_model_keeps_float32_factors_close_to_reference(method: str) -> 
 def test_factors_equal_explicit_sums_over_examples_and_locations() -> None:
     """A and G of a conv layer after one step are the batch factors written out as sums."""
     torch.manual_seed(1)
-    conv = nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=1)
-    model = _conv_model(conv)
+    def build() -> nn.Sequential:
+        return _conv_model(nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=1))
+
+    model = build()
+    conv = model[0]
     pre = KFACPreconditioner(model, kl_clip=None, factor_decay=0.5)
     x, y = torch.randn(BATCH, 2, 6, 5), torch.randint(0, 3, (BATCH,))
-    captured = ref.capture(model, ["0"], x, y, F.cross_entropy)
+    captured = ref.capture(build, model, ["0"], x, y, F.cross_entropy)
     F.cross_entropy(model(x), y).backward()
     pre.step()
     A, G = pre.factors("0")
@@ -163,11 +166,15 @@ def test_layer_followed_by_inplace_relu_sees_pre_activation_gradient(in_shape: t
     """The G captured for a Linear followed by ReLU(inplace=True) equals the one without in-place ops
     (on N-D input the Linear's output is a view, whose hooks an in-place op would drop)."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(3))
-    model(torch.zeros(1, *in_shape))  # materialise the lazy head
+    positions = in_shape[0] if len(in_shape) == 2 else 1
+
+    def build() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * positions, 3))
+
+    model = build()
     pre = KFACPreconditioner(model, kl_clip=None)
     x, y = torch.randn(BATCH, *in_shape), torch.randint(0, 3, (BATCH,))
-    captured = ref.capture(model, ["0"], x, y, F.cross_entropy)
+    captured = ref.capture(build, model, ["0"], x, y, F.cross_entropy)
     F.cross_entropy(model(x), y).backward()
     pre.step()
     _, G = pre.factors("0")

@@ -1,0 +1,122 @@
+"""Two real gloo ranks: dpkfac preconditions each layer with its owner's local factors; dkfac equals
+one-process K-FAC over the concatenated global batch. Models run in float64, so a wrong formula shows
+as an O(1) error while the two orders of float64 arithmetic agree to better than 1e-6."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import kfac_reference as ref
+from lightning_dpkfac import KFACPreconditioner
+
+HP = dict(damping=1e-2, factor_decay=0.8, lr=0.1, factor_update_steps=1, inv_update_steps=2)
+STEPS = 4
+LOCAL_BATCH = 5
+
+
+def make_model() -> nn.Sequential:
+    """Three covered layers of different cost, so that both ranks own at least one."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3),
+    ).double()
+
+
+def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s batch at ``step``: any rank can rebuild any other rank's batch."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(LOCAL_BATCH, 2, 5, 5, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (LOCAL_BATCH,), generator=g)
+
+
+def params_identical_on_all_ranks(model: nn.Module) -> bool:
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], other) for other in gathered)
+
+
+def _train_and_check(rank: int, world: int, mode: str, method: str, kl_clip: float | None) -> dict:
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    pre = KFACPreconditioner(model, mode=mode, method=method, kl_clip=kl_clip, **HP)
+    names = [layer.name for layer in pre.layers]
+    modules = dict(model.named_modules())
+    owner = {n: pre.owner_of(n) for n in names}
+    # dpkfac: one reference stream per rank (its local batches); dkfac: one stream of global batches.
+    streams = {r: ref.ReferenceKFAC(kl_clip=kl_clip, method=method, **HP) for r in range(world)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        batches = [local_batch(step, r) for r in range(world)]
+        if mode == "dpkfac":
+            for r, (x, y) in enumerate(batches):
+                captured = ref.capture(make_model, model, names, x, y, F.cross_entropy)
+                streams[r].update({n: ref.batch_factors(modules[n], *captured[n]) for n in names})
+            frozen = {n: streams[owner[n]].frozen[n] for n in names}
+        else:
+            x_all, y_all = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            captured = ref.capture(make_model, model, names, x_all, y_all, F.cross_entropy)
+            streams[0].update({n: ref.batch_factors(modules[n], *captured[n]) for n in names})
+            frozen = streams[0].frozen
+        opt.zero_grad()
+        F.cross_entropy(ddp(batches[rank][0]), batches[rank][1]).backward()
+        grads = {n: ref.grad_matrix(modules[n]) for n in names}  # averaged by DDP
+        expected, _ = ref.precondition_layers(frozen, grads, HP["damping"], method, kl_clip, HP["lr"])
+        pre.step()
+        for n in names:
+            err = (ref.grad_matrix(modules[n]) - expected[n]).norm() / expected[n].norm()
+            assert err < 1e-6, f"rank {rank}, step {step}, layer {n}: relative error {err:.2e}"
+        opt.step()
+        assert params_identical_on_all_ranks(model), f"parameters differ between ranks after step {step}"
+    return {
+        "owners": owner,
+        "holds_state": {n: pre.holds_state(n) for n in names},
+        "has_factors": {n: pre.factors(n) is not None for n in names},
+        "forward_hooks": {n: len(modules[n]._forward_hooks) for n in names},
+        "bytes": pre.bytes_sent,
+        "state_bytes": pre.state_bytes(),
+    }
+
+
+@pytest.mark.parametrize(("method", "kl_clip"), [("eigen", 1e-3), ("inverse", None), ("eigen", 1e-7)])
+def test_dpkfac_preconditions_each_layer_with_its_owners_local_factors(ranks, method, kl_clip) -> None:
+    results = ranks(_train_and_check, 2, "dpkfac", method, kl_clip)
+    assert results[0]["owners"] == results[1]["owners"]
+    assert set(results[0]["owners"].values()) == {0, 1}, "both ranks should own a layer"
+
+
+def test_dpkfac_non_owner_holds_no_factor_and_captures_nothing(ranks) -> None:
+    results = ranks(_train_and_check, 2, "dpkfac", "eigen", 1e-3)
+    for rank, res in enumerate(results):
+        for name, owner in res["owners"].items():
+            mine = owner == rank
+            assert res["holds_state"][name] == mine and res["has_factors"][name] == mine, (rank, name)
+            assert res["forward_hooks"][name] == int(mine), (rank, name)
+
+
+def test_dpkfac_sends_no_factor_bytes(ranks) -> None:
+    results = ranks(_train_and_check, 2, "dpkfac", "eigen", 1e-3)
+    for res in results:
+        assert res["bytes"].get("factors", 0.0) == 0.0
+        assert res["bytes"]["preconditioned"] > 0
+
+
+def test_dkfac_equals_one_process_kfac_on_the_global_batch(ranks) -> None:
+    results = ranks(_train_and_check, 2, "dkfac", "eigen", 1e-3)
+    for res in results:
+        assert all(res["has_factors"].values()), "dkfac keeps every factor on every rank"
+        assert res["bytes"]["factors"] > 0
+
+
+def test_dpkfac_keeps_about_half_the_factor_state_of_dkfac_on_two_ranks(ranks) -> None:
+    dp = ranks(_train_and_check, 2, "dpkfac", "eigen", None)
+    dk = ranks(_train_and_check, 2, "dkfac", "eigen", None)
+    dp_total = sum(r["state_bytes"]["factors"] for r in dp)
+    dk_per_rank = dk[0]["state_bytes"]["factors"]
+    assert dp_total == dk_per_rank  # the factors are split between owners, not copied
