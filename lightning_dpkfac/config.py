@@ -6,6 +6,7 @@ Every field is validated when the dataclass is built, so a bad value fails befor
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -93,8 +94,21 @@ class KFACConfig:
         return value
 
     def replace(self, **changes: Any) -> KFACConfig:
-        """A validated copy with ``changes`` applied."""
+        """A validated copy with ``changes`` applied; an unknown name raises ``ValueError``."""
+        for name in changes:
+            if name not in FIELDS:
+                raise ValueError(unknown_key_message(name, FIELDS, "KFACConfig"))
         return dataclasses.replace(self, **changes)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(KFACConfig))
+
+
+def unknown_key_message(name: str, known: tuple[str, ...], where: str) -> str:
+    """'unknown key' message naming the closest known key, if any."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(known)}."
+    return f"'{name}' is not a parameter of {where}.{hint}"
 
 
 def _is_number(value: Any) -> bool:

@@ -9,6 +9,7 @@ is on its device and wrapped, and a :class:`~lightning_dpkfac.callback.KFACCallb
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,10 +21,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dpkfac.callback import KFACCallback
 from lightning_dpkfac.comm import Communicator
-from lightning_dpkfac.config import KFACConfig
+from lightning_dpkfac.config import FIELDS, KFACConfig, unknown_key_message
 from lightning_dpkfac.preconditioner import KFACPreconditioner
 
-_KFAC_FIELDS = {f.name for f in dataclasses.fields(KFACConfig)}
+_DDP_STRATEGY_ARGS = set(inspect.signature(DDPStrategy.__init__).parameters) - {"self", "kwargs"}
+_DDP_MODULE_ARGS = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
 
 
 class DPKFACStrategy(DDPStrategy):
@@ -43,7 +45,11 @@ class DPKFACStrategy(DDPStrategy):
     strategy_name = "dpkfac"
 
     def __init__(self, kfac_config: KFACConfig | None = None, **kwargs: Any) -> None:
-        kfac_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _KFAC_FIELDS}
+        kfac_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in FIELDS}
+        for name in kwargs:  # DDPStrategy would only fail on these after the ranks started
+            if name not in _DDP_STRATEGY_ARGS | _DDP_MODULE_ARGS:
+                known = (*FIELDS, *sorted(_DDP_STRATEGY_ARGS | _DDP_MODULE_ARGS))
+                raise ValueError(unknown_key_message(name, known, "DPKFACStrategy"))
         self.kfac_config = (kfac_config or KFACConfig()).replace(**kfac_kwargs)
         super().__init__(**kwargs)
         self.preconditioner: KFACPreconditioner | None = None

@@ -92,6 +92,13 @@ def test_kl_clip_without_a_learning_rate_says_how_to_give_one() -> None:
         pre.step()
 
 
+def test_misspelt_keyword_is_refused_with_the_closest_name() -> None:
+    with pytest.raises(ValueError, match=r"'dampng' is not a parameter of DPKFACStrategy. Did you mean 'damping'\?"):
+        DPKFACStrategy(dampng=1e-3)
+    with pytest.raises(ValueError, match=r"'inv_update_step' is not a parameter of KFACConfig. Did you mean"):
+        KFACPreconditioner(nn.Linear(2, 2), inv_update_step=5)
+
+
 def test_strategy_names_resolve_to_the_two_modes() -> None:
     import lightning.pytorch as pl
 
