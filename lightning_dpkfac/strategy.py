@@ -107,8 +107,13 @@ class DPKFACStrategy(DDPStrategy):
                 )
 
 
-def _counting_allreduce_hook(comm: Communicator, bucket: dist.GradBucket) -> Any:
-    """DDP's default all-reduce (average) of one gradient bucket, counted as "gradients" traffic."""
+def _counting_allreduce_hook(comm, bucket):  # type: ignore[no-untyped-def]
+    """DDP's default all-reduce (average) of one gradient bucket (a ``dist.GradBucket``), counted as
+    "gradients" traffic.
+
+    No annotations on purpose: DDP compares a hook's annotations with the real ``dist.GradBucket`` and
+    ``Future`` classes, and ``from __future__ import annotations`` turns them into strings it rejects.
+    """
     buffer = bucket.buffer()
     comm.count("gradients", "all_reduce", buffer.numel() * buffer.element_size())
     buffer.div_(comm.world_size)

@@ -79,3 +79,20 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
 def ranks() -> Callable[..., list[Any]]:
     """``ranks(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` on real gloo ranks."""
     return run_ranks
+
+
+# Variables from which Lightning, torch.distributed or a cluster environment (SLURM, torchrun) would
+# infer a rank or a rendezvous. A 2-rank example run as a subprocess must start without any of them.
+_LAUNCH_VARS = ("LOCAL_RANK", "RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                "MASTER_ADDR", "MASTER_PORT")
+_LAUNCH_PREFIXES = ("SLURM_", "TORCHELASTIC_")
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    """A copy of ``os.environ`` without stray launcher variables (``SLURM_*``, ``RANK``, ``MASTER_PORT``...)."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _LAUNCH_VARS and not key.startswith(_LAUNCH_PREFIXES)
+    }
