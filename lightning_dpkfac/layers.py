@@ -9,7 +9,7 @@ any batch size). For a layer with weight ``W`` (d_g x ...) and optional bias, ``
 - ``g`` rows: the gradient of the loss w.r.t. the layer output, one row per (example, location), times the
   batch size ``B`` (the loss is a mean over the batch). ``G = g^T g / B``: per example the sum over its
   locations, averaged over examples (KFC, Grosse & Martens 2016).
-- "Locations" are the spatial positions of a Conv2d, and for a Linear every leading dimension after the
+- "Locations" are the spatial positions of a convolution, and for a Linear every leading dimension after the
   first: a Linear on a (B, T, d_in) input treats its T positions like a convolution's locations. ``B`` is
   always ``input.shape[0]``.
 """
@@ -116,41 +116,52 @@ class LinearLayer(KFACLayer):
         return gy.reshape(-1, gy.shape[-1])
 
 
-class Conv2dLayer(KFACLayer):
-    """``nn.Conv2d`` with any stride, dilation, kernel shape, padding (int, tuple, 'same', 'valid') and
-    padding mode; ``groups`` must be 1."""
+class ConvLayer(KFACLayer):
+    """``nn.Conv1d`` and ``nn.Conv2d`` with any stride, dilation, kernel shape, padding (int, tuple,
+    'same', 'valid') and padding mode; ``groups`` must be 1. A Conv1d is handled as a Conv2d of height 1."""
 
-    def __init__(self, name: str, module: nn.Conv2d) -> None:
+    def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d) -> None:
         if module.groups != 1:
             raise UnsupportedLayerError(
-                f"Layer '{name}' is a Conv2d with groups={module.groups}; K-FAC here supports groups=1 only. "
-                f"Fix: add '{name}' to skip_layers (it then keeps its plain gradient)."
+                f"Layer '{name}' is a {type(module).__name__} with groups={module.groups}; K-FAC here supports "
+                f"groups=1 only. Fix: add '{name}' to skip_layers (it then keeps its plain gradient)."
             )
         super().__init__(name, module)
-        self._pad = self._padding_per_side(module)
+        self._is_1d = isinstance(module, nn.Conv1d)
+
+        def as_2d(value: tuple[int, ...]) -> tuple[int, int]:
+            return (1, value[0]) if self._is_1d else (value[0], value[1])
+
+        self._kernel = as_2d(module.kernel_size)
+        self._stride = as_2d(module.stride)
+        self._dilation = as_2d(module.dilation)
+        self._pad = self._padding_per_side(module.padding, self._kernel, self._dilation, self._is_1d)
+        self._mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
 
     @staticmethod
-    def _padding_per_side(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    def _padding_per_side(
+        padding: str | tuple[int, ...], kernel: tuple[int, int], dilation: tuple[int, int], is_1d: bool
+    ) -> tuple[int, int, int, int]:
         """(left, right, top, bottom) padding, as ``F.pad`` takes it, matching the module's own forward."""
-        if conv.padding == "valid":
+        if padding == "valid":
             return (0, 0, 0, 0)
-        if conv.padding == "same":
+        if padding == "same":
             sides = []
-            for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+            for k, d in zip(reversed(kernel), reversed(dilation)):
                 total = d * (k - 1)
                 sides += [total // 2, total - total // 2]  # PyTorch puts the odd pixel on the right/bottom
             return (sides[0], sides[1], sides[2], sides[3])
-        ph, pw = conv.padding  # type: ignore[misc]
+        assert not isinstance(padding, str)
+        ph, pw = (0, padding[0]) if is_1d else (padding[0], padding[1])
         return (pw, pw, ph, ph)
 
     def _patches(self, x: Tensor) -> Tensor:
-        """im2col patches (B, C*kh*kw, L) of input ``x`` (B, C, H, W)."""
-        conv = self.module
-        assert isinstance(conv, nn.Conv2d)
+        """im2col patches (B, C*kh*kw, L) of input ``x`` (B, C, H, W), or (B, C, W) for a Conv1d."""
+        if self._is_1d:
+            x = x.unsqueeze(2)
         if any(self._pad):
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = F.pad(x, self._pad, mode=mode)
-        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+            x = F.pad(x, self._pad, mode=self._mode)
+        return F.unfold(x, self._kernel, dilation=self._dilation, stride=self._stride)
 
     def input_rows(self, x: Tensor) -> Tensor:
         patches = self._patches(x)
@@ -160,10 +171,39 @@ class Conv2dLayer(KFACLayer):
         return gy.transpose(1, -1).reshape(-1, gy.shape[1])
 
 
-def make_layer(name: str, module: nn.Module) -> KFACLayer | None:
-    """The K-FAC helper for ``module``, or ``None`` for a module type K-FAC does not cover."""
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def make_layer(name: str, module: nn.Module) -> KFACLayer:
+    """The K-FAC helper for a module of a ``SUPPORTED`` type."""
     if isinstance(module, nn.Linear):
         return LinearLayer(name, module)
-    if isinstance(module, nn.Conv2d):
-        return Conv2dLayer(name, module)
-    return None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return ConvLayer(name, module)
+    raise TypeError(f"no K-FAC helper for {type(module).__name__}")
+
+
+def discover_layers(model: nn.Module, skip: list[str]) -> tuple[list[KFACLayer], dict[str, str]]:
+    """The covered layers of ``model`` in registration order, and the skipped ones with the reason.
+
+    ``skip`` holds module names or class names; a name that matches nothing is an error (a typo would
+    otherwise silently precondition the layer the user meant to skip).
+    """
+    layers: list[KFACLayer] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, SUPPORTED):
+            continue
+        if name in skip or type(module).__name__ in skip:
+            skipped[name] = "in skip_layers"
+        elif not module.weight.requires_grad:
+            skipped[name] = "frozen (weight.requires_grad is False)"
+        else:
+            layers.append(make_layer(name, module))
+    known = {name for name, _ in model.named_modules()} | {type(m).__name__ for m in model.modules()}
+    unknown = sorted(set(skip) - known)
+    if unknown:
+        names = [n for n, _ in model.named_modules()][1:6]
+        raise ValueError(f"skip_layers names {unknown}, which match no module name or class name in the model. "
+                         f"Module names look like {names}.")
+    return layers, skipped

@@ -35,7 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance
 from lightning_dpkfac.comm import Communicator
 from lightning_dpkfac.config import KFACConfig
-from lightning_dpkfac.layers import KFACLayer, make_layer
+from lightning_dpkfac.layers import KFACLayer, discover_layers
 
 log = logging.getLogger("lightning_dpkfac")
 
@@ -64,7 +64,7 @@ class _LayerState:
 
 
 class KFACPreconditioner:
-    """Preconditions the gradients of a model's Linear and Conv2d layers in place with (DP-)K-FAC.
+    """Preconditions the gradients of a model's Linear, Conv1d and Conv2d layers in place with (DP-)K-FAC.
 
     Args:
         model: the module whose layers to precondition (the inner module when wrapped in DDP: hooks
@@ -91,7 +91,7 @@ class KFACPreconditioner:
         self.model = model
         self.comm = comm or Communicator(process_group, int(self.config.bucket_cap_mb * 2**20))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.layers, self.skipped = _discover_layers(model, self.config.skip_layers)
+        self.layers, self.skipped = discover_layers(model, self.config.skip_layers)
         self.costs = [layer_cost(LayerShape(l.d_a, l.d_g), self.config.inv_update_steps) for l in self.layers]
         self.owners = assign_owners(self.costs, self.world_size)
         self.steps = 0
@@ -334,30 +334,6 @@ class KFACPreconditioner:
             yield
         finally:
             self.timings[phase] += time.perf_counter() - start
-
-
-def _discover_layers(model: nn.Module, skip: list[str]) -> tuple[list[KFACLayer], dict[str, str]]:
-    """The covered layers in registration order, and the skipped ones with the reason."""
-    layers: list[KFACLayer] = []
-    skipped: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        if name in skip or type(module).__name__ in skip:
-            skipped[name] = "in skip_layers"
-        elif not module.weight.requires_grad:
-            skipped[name] = "frozen (weight.requires_grad is False)"
-        else:
-            layer = make_layer(name, module)
-            if layer is not None:
-                layers.append(layer)
-    unknown = set(skip) - {name for name, _ in model.named_modules()} - {
-        type(m).__name__ for m in model.modules()
-    }
-    if unknown:
-        raise ValueError(f"skip_layers names {sorted(unknown)}, which match no module name or class name "
-                         f"in the model. Module names look like {[n for n, _ in model.named_modules()][1:6]}.")
-    return layers, skipped
 
 
 def _grad_target(output: Tensor) -> Tensor:

@@ -24,6 +24,8 @@ def input_rows(module: nn.Module, x: Tensor) -> Tensor:
     x = x.double()
     if isinstance(module, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
+    elif isinstance(module, nn.Conv1d):
+        rows = conv1d_patches_by_loops(module, x)
     else:
         assert isinstance(module, nn.Conv2d)
         rows = conv_patches_by_loops(module, x)
@@ -58,18 +60,37 @@ def conv_patches_by_loops(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-def output_grad_rows(gy: Tensor) -> Tensor:
+def conv1d_patches_by_loops(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """(B * L_out, C * k) patches of a (B, C, L) input, gathered position by position."""
+    (k,), (stride,), (d,) = conv.kernel_size, conv.stride, conv.dilation
+    if conv.padding == "same":
+        total = d * (k - 1)
+        pad = (total // 2, total - total // 2)
+    elif conv.padding == "valid":
+        pad = (0, 0)
+    else:
+        pad = (conv.padding[0], conv.padding[0])
+    xp = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    l_out = (xp.shape[2] - d * (k - 1) - 1) // stride + 1
+    return torch.stack(
+        [xp[b, :, i * stride : i * stride + d * (k - 1) + 1 : d].reshape(-1) for b in range(x.shape[0]) for i in range(l_out)]
+    )
+
+
+def output_grad_rows(gy: Tensor, conv_1d: bool = False) -> Tensor:
     """Rows (examples x locations, d_g) of the output gradient (channels last)."""
     gy = gy.double()
     if gy.dim() == 4:
         gy = gy.permute(0, 2, 3, 1)
+    elif gy.dim() == 3 and conv_1d:
+        gy = gy.permute(0, 2, 1)
     return gy.reshape(-1, gy.shape[-1])
 
 
 def batch_factors(module: nn.Module, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
     """``A`` = mean outer product of input rows; ``G`` = per-example sum of (B * g)(B * g)^T, averaged."""
     a = input_rows(module, x)
-    g = output_grad_rows(gy) * gy.shape[0]
+    g = output_grad_rows(gy, conv_1d=isinstance(module, nn.Conv1d)) * gy.shape[0]
     return a.T @ a / a.shape[0], g.T @ g / gy.shape[0]
 
 

@@ -1,4 +1,5 @@
-"""On one process, preconditioned gradients equal the dense reference for every supported layer variant."""
+"""On one process, preconditioned gradients equal the dense reference for every supported layer variant
+(Linear, Conv1d, Conv2d)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ class SwapLastDims(nn.Module):
 def _conv_model(conv: nn.Conv2d) -> nn.Sequential:
     with torch.no_grad():
         flat = conv(torch.zeros(1, 2, 6, 5)).numel()
+    return nn.Sequential(conv, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(flat, 3))
+
+
+def _conv1d_model(conv: nn.Conv1d) -> nn.Sequential:
+    with torch.no_grad():
+        flat = conv(torch.zeros(1, 2, 9)).numel()
     return nn.Sequential(conv, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(flat, 3))
 
 
@@ -51,6 +58,14 @@ VARIANTS = {
         lambda: _conv_model(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=False)),
         (2, 6, 5),
     ),
+    "conv1d_same_even_kernel_dilated": (
+        lambda: _conv1d_model(nn.Conv1d(2, 3, 4, padding="same", dilation=2)),
+        (2, 9),
+    ),
+    "conv1d_stride_reflect_padding": (
+        lambda: _conv1d_model(nn.Conv1d(2, 3, 3, stride=2, padding=2, padding_mode="reflect")),
+        (2, 9),
+    ),
 }
 
 
@@ -77,8 +92,8 @@ def run_against_reference(
     pre = KFACPreconditioner(model, **hp)
     names = [layer.name for layer in pre.layers]
     modules = dict(model.named_modules())
-    assert all(isinstance(modules[n], (nn.Linear, nn.Conv2d)) for n in names)
-    assert len(names) == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
+    assert all(isinstance(modules[n], (nn.Linear, nn.Conv1d, nn.Conv2d)) for n in names)
+    assert len(names) == sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules())
     dense = ref.ReferenceKFAC(**hp)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(steps):
