@@ -30,10 +30,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance
-from lightning_dpkfac.comm import Communicator
+from lightning_dpkfac.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
 from lightning_dpkfac.config import KFACConfig
 from lightning_dpkfac.layers import KFACLayer, discover_layers
 
@@ -101,6 +102,9 @@ class KFACPreconditioner:
             for i, layer in enumerate(self.layers)
             if self._builds_factors(i)
         }
+        self._param_owner = {
+            id(p): owner for layer, owner in zip(self.layers, self.owners) for p in layer.module.parameters(recurse=False)
+        }
         self._handles: list[RemovableHandle] = []
         for i in self._states:
             self._handles.append(self.layers[i].module.register_forward_hook(partial(self._on_forward, i)))
@@ -162,6 +166,24 @@ class KFACPreconditioner:
     def bytes_sent(self) -> dict[str, float]:
         """Cumulative per-rank traffic by kind (see :mod:`lightning_dpkfac.comm` for the convention)."""
         return dict(self.comm.bytes_sent)
+
+    def register_ddp_comm_hook(self, ddp: DistributedDataParallel) -> None:
+        """Install this engine's gradient communication on ``ddp`` (call before the first backward).
+
+        ``dpkfac``: the gradients of each K-FAC layer are *reduced to its owner only* (the owner is the
+        only rank that reads them), the other parameters all-reduced as usual; :meth:`step` then
+        broadcasts every layer's result, so the total traffic equals one DDP all-reduce. Until
+        :meth:`step` has run, a rank's gradients of layers it does not own are not averaged: call
+        :meth:`step` on every optimizer step. ``dkfac``: DDP's all-reduce, counted as "gradients".
+        """
+        if self.config.mode == "dpkfac":
+            ddp.register_comm_hook(self, owner_reduce_hook)
+        else:
+            ddp.register_comm_hook(self.comm, counting_all_reduce_hook)
+
+    def gradient_owner(self, param: Tensor) -> int | None:
+        """The rank that owns ``param``'s gradient (a K-FAC layer's weight or bias), or None."""
+        return self._param_owner.get(id(param))
 
     def remove_hooks(self) -> None:
         """Detach from the model; the preconditioner stops capturing."""

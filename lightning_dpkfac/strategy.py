@@ -8,6 +8,7 @@ is on its device and wrapped, and a :class:`~lightning_dpkfac.callback.KFACCallb
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 from typing import Any
@@ -20,7 +21,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dpkfac.callback import KFACCallback
-from lightning_dpkfac.comm import Communicator
 from lightning_dpkfac.config import FIELDS, KFACConfig, unknown_key_message
 from lightning_dpkfac.preconditioner import KFACPreconditioner
 
@@ -53,20 +53,38 @@ class DPKFACStrategy(DDPStrategy):
         self.kfac_config = (kfac_config or KFACConfig()).replace(**kfac_kwargs)
         super().__init__(**kwargs)
         self.preconditioner: KFACPreconditioner | None = None
-        self._comm: Communicator | None = None
         self._callback: KFACCallback | None = None
 
     def setup(self, trainer: pl.Trainer) -> None:
-        # One communicator (one set of byte counters) for DDP's gradient traffic and K-FAC's.
-        self._comm = Communicator(None, int(self.kfac_config.bucket_cap_mb * 2**20))
-        super().setup(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
+        super().setup(trainer)  # when fitting, builds the engine: configure_ddp -> _register_ddp_hooks
+        if trainer.state.fn != TrainerFn.FITTING or self.preconditioner is None:
             return
-        self._check_same_config_on_all_ranks()
-        self.preconditioner = KFACPreconditioner(self.lightning_module, self.kfac_config, comm=self._comm)
         rank_zero_info(self.preconditioner.describe())
         self._callback = KFACCallback(self.preconditioner)
         trainer.callbacks.append(self._callback)
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        # Gloo's worker threads can still hold finished async work (tensors, Python callbacks) when the
+        # interpreter shuts down; destroying them then aborts the process ("terminate called without an
+        # active exception", exit code 134), seen here in about 1 run in 10. Lightning never destroys
+        # the process group (fit and test share it), so do it at exit, while Python is still alive.
+        atexit.register(_destroy_process_group)
+
+    def configure_ddp(self) -> None:
+        self._check_same_config_on_all_ranks()
+        super().configure_ddp()
+
+    def _register_ddp_hooks(self) -> None:
+        """Build the engine on the wrapped module (now on its device) and let it own DDP's gradient
+        communication: in dpkfac, K-FAC gradients are reduced to their owners only. A user's
+        ``ddp_comm_hook`` wins (then gradient bytes are not counted)."""
+        assert isinstance(self.model, DistributedDataParallel)
+        self.preconditioner = KFACPreconditioner(self.lightning_module, self.kfac_config)
+        if self._ddp_comm_hook is not None or self._ddp_comm_wrapper is not None:
+            super()._register_ddp_hooks()
+        else:
+            self.preconditioner.register_ddp_comm_hook(self.model)
 
     def _check_same_config_on_all_ranks(self) -> None:
         """Fail loudly if ranks got different K-FAC settings (e.g. an unseeded sweeper under popen DDP)."""
@@ -80,16 +98,8 @@ class DPKFACStrategy(DDPStrategy):
                 + ". Fix: seed the sweeper or build the config before the ranks are launched."
             )
 
-    def _register_ddp_hooks(self) -> None:
-        """Replace DDP's gradient all-reduce by the same all-reduce with a byte counter (CPU and CUDA),
-        unless the user set their own ``ddp_comm_hook``."""
-        if self._ddp_comm_hook is not None or self._ddp_comm_wrapper is not None:
-            super()._register_ddp_hooks()
-            return
-        assert isinstance(self.model, DistributedDataParallel) and self._comm is not None
-        self.model.register_comm_hook(self._comm, _counting_allreduce_hook)
-
     def teardown(self) -> None:
+        # The engine stays readable after fit (counters, owners); it only stops capturing.
         if self.preconditioner is not None:
             self.preconditioner.remove_hooks()
         if self._callback is not None and self.lightning_module is not None and self.lightning_module._trainer:
@@ -107,18 +117,9 @@ class DPKFACStrategy(DDPStrategy):
                 )
 
 
-def _counting_allreduce_hook(comm, bucket):  # type: ignore[no-untyped-def]
-    """DDP's default all-reduce (average) of one gradient bucket (a ``dist.GradBucket``), counted as
-    "gradients" traffic.
-
-    No annotations on purpose: DDP compares a hook's annotations with the real ``dist.GradBucket`` and
-    ``Future`` classes, and ``from __future__ import annotations`` turns them into strings it rejects.
-    """
-    buffer = bucket.buffer()
-    comm.count("gradients", "all_reduce", buffer.numel() * buffer.element_size())
-    buffer.div_(comm.world_size)
-    future = dist.all_reduce(buffer, group=comm.group, async_op=True).get_future()
-    return future.then(lambda fut: fut.value()[0])
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _fingerprint(config: KFACConfig) -> dict[str, Any]:

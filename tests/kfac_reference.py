@@ -94,6 +94,18 @@ def batch_factors(module: nn.Module, x: Tensor, gy: Tensor) -> tuple[Tensor, Ten
     return a.T @ a / a.shape[0], g.T @ g / gy.shape[0]
 
 
+def mean_gradients(
+    build: Callable[[], nn.Module], model: nn.Module, names: list[str], batches: list[tuple[Tensor, Tensor]],
+    loss_fn: Callable,
+) -> dict[str, Tensor]:
+    """Per layer name, [dW | db] of the mean of the batches' losses: what DDP's averaging should give."""
+    ref = build().to(next(model.parameters()).dtype)
+    ref.load_state_dict(model.state_dict())
+    (sum(loss_fn(ref(x), y) for x, y in batches) / len(batches)).backward()
+    modules = dict(ref.named_modules())
+    return {n: grad_matrix(modules[n]) for n in names}
+
+
 def grad_matrix(module: nn.Module) -> Tensor:
     """[dW | db] as a (d_g x d_a) float64 matrix."""
     m = module.weight.grad.double().reshape(module.weight.shape[0], -1)

@@ -20,11 +20,12 @@ LOCAL_BATCH = 5
 
 
 def make_model() -> nn.Sequential:
-    """Three covered layers of different cost, so that both ranks own at least one."""
+    """Three covered layers of different cost, so that both ranks own at least one, and a LayerNorm
+    whose parameters K-FAC does not cover."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3),
+        nn.Linear(4 * 5 * 5, 8), nn.LayerNorm(8), nn.ReLU(inplace=True), nn.Linear(8, 3),
     ).double()
 
 
@@ -42,10 +43,17 @@ def params_identical_on_all_ranks(model: nn.Module) -> bool:
     return all(torch.equal(gathered[0], other) for other in gathered)
 
 
-def _train_and_check(rank: int, world: int, mode: str, method: str, kl_clip: float | None) -> dict:
+def _train_and_check(
+    rank: int, world: int, mode: str, method: str, kl_clip: float | None, engine_grad_comm: bool = True
+) -> dict:
+    """Train STEPS steps on ``world`` ranks, checking every layer's preconditioned gradient against the
+    dense reference and the parameters against the other ranks'. ``engine_grad_comm``: the engine's DDP
+    hook moves the gradients (dpkfac: reduce to owners), else DDP's own all-reduce does."""
     model = make_model()
     ddp = DistributedDataParallel(model)
     pre = KFACPreconditioner(model, mode=mode, method=method, kl_clip=kl_clip, **HP)
+    if engine_grad_comm:
+        pre.register_ddp_comm_hook(ddp)
     names = [layer.name for layer in pre.layers]
     modules = dict(model.named_modules())
     owner = {n: pre.owner_of(n) for n in names}
@@ -64,9 +72,9 @@ def _train_and_check(rank: int, world: int, mode: str, method: str, kl_clip: flo
             captured = ref.capture(make_model, model, names, x_all, y_all, F.cross_entropy)
             streams[0].update({n: ref.batch_factors(modules[n], *captured[n]) for n in names})
             frozen = streams[0].frozen
+        grads = ref.mean_gradients(make_model, model, names, batches, F.cross_entropy)
         opt.zero_grad()
         F.cross_entropy(ddp(batches[rank][0]), batches[rank][1]).backward()
-        grads = {n: ref.grad_matrix(modules[n]) for n in names}  # averaged by DDP
         expected, _ = ref.precondition_layers(frozen, grads, HP["damping"], method, kl_clip, HP["lr"])
         pre.step()
         for n in names:
@@ -81,12 +89,17 @@ def _train_and_check(rank: int, world: int, mode: str, method: str, kl_clip: flo
         "forward_hooks": {n: len(modules[n]._forward_hooks) for n in names},
         "bytes": pre.bytes_sent,
         "state_bytes": pre.state_bytes(),
+        "shapes": {layer.name: (layer.d_a, layer.d_g) for layer in pre.layers},
+        "uncovered_params": sum(p.numel() for p in model.parameters()) - sum(l.num_params for l in pre.layers),
     }
 
 
-@pytest.mark.parametrize(("method", "kl_clip"), [("eigen", 1e-3), ("inverse", None), ("eigen", 1e-7)])
-def test_dpkfac_preconditions_each_layer_with_its_owners_local_factors(ranks, method, kl_clip) -> None:
-    results = ranks(_train_and_check, 2, "dpkfac", method, kl_clip)
+@pytest.mark.parametrize(
+    ("method", "kl_clip", "engine_grad_comm"),
+    [("eigen", 1e-3, True), ("inverse", None, True), ("eigen", 1e-7, True), ("eigen", 1e-3, False)],
+)
+def test_dpkfac_preconditions_each_layer_with_its_owners_local_factors(ranks, method, kl_clip, engine_grad_comm):
+    results = ranks(_train_and_check, 2, "dpkfac", method, kl_clip, engine_grad_comm)
     assert results[0]["owners"] == results[1]["owners"]
     assert set(results[0]["owners"].values()) == {0, 1}, "both ranks should own a layer"
 
@@ -105,6 +118,19 @@ def test_dpkfac_sends_no_factor_bytes(ranks) -> None:
     for res in results:
         assert res["bytes"].get("factors", 0.0) == 0.0
         assert res["bytes"]["preconditioned"] > 0
+
+
+def test_dpkfac_moves_exactly_one_gradient_all_reduce_worth_of_bytes(ranks) -> None:
+    """Reduce to owners ((P-1)/P N) + broadcast of results ((P-1)/P (N + 2 per layer)) + all-reduce of the
+    uncovered parameters (2 (P-1)/P N_o): DDP-SGD's 2 (P-1)/P (N + N_o), plus two scalars per layer."""
+    res = ranks(_train_and_check, 2, "dpkfac", "eigen", 1e-3)[0]
+    n_kfac = sum(d_a * d_g for d_a, d_g in res["shapes"].values())
+    n_layers, n_other, e, f = len(res["shapes"]), res["uncovered_params"], 8, 1 / 2  # float64; (P-1)/P
+    assert res["bytes"]["gradients"] == STEPS * (f * n_kfac + 2 * f * n_other) * e
+    assert res["bytes"]["preconditioned"] == STEPS * f * (n_kfac + 2 * n_layers) * e
+    ddp_sgd = STEPS * 2 * f * (n_kfac + n_other) * e
+    total = res["bytes"]["gradients"] + res["bytes"]["preconditioned"]
+    assert total == ddp_sgd + STEPS * f * 2 * n_layers * e
 
 
 def test_dkfac_equals_one_process_kfac_on_the_global_batch(ranks) -> None:
