@@ -44,6 +44,9 @@ class KFACConfig:
         skip_layers: module names (as in ``model.named_modules()``) or class names whose layers keep
             their plain gradient. (default: [])
         bucket_cap_mb: size cap of one communication bucket in MiB; > 0. (default: 25.0)
+        max_consecutive_faults: a layer whose factors, decomposition or preconditioned gradient is
+            non-finite on this many optimizer steps in a row stops training with an error; on fewer, it
+            just keeps its plain gradient (or last good decomposition) for that step; >= 1. (default: 5)
 
     ``damping``, ``factor_decay``, ``kl_clip`` and ``lr`` also accept a callable of the optimizer step
     (an ``int`` starting at 0) returning the value, in the Python API.
@@ -59,9 +62,10 @@ class KFACConfig:
     mode: str = "dpkfac"
     skip_layers: list[str] = field(default_factory=list)
     bucket_cap_mb: float = 25.0
+    max_consecutive_faults: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("factor_update_steps", "inv_update_steps"):
+        for name in ("factor_update_steps", "inv_update_steps", "max_consecutive_faults"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= 1.")

@@ -10,6 +10,11 @@ One optimizer step, after ``loss.backward()`` and the gradient all-reduce (DDP):
 4. share     owners broadcast ``P`` (bucketed, per owner) with ``sum(P * grad)`` and a "preconditioned"
              flag; every rank then applies the same KL-clip scale and writes ``P`` into ``.grad``.
 
+Numerical faults never make ranks disagree: the owner decides, per layer and step, between "preconditioned",
+"preconditioned with the last good decomposition" and "plain gradient", and that decision travels in the
+broadcast flag. Non-finite batch factors are not folded into the running average; a failed decomposition
+is retried in float64 and then with 10x damping before the last good one is kept.
+
 Captures happen in module hooks during forward/backward of a step whose index is a multiple of
 ``factor_update_steps``: ``A`` in a forward hook, ``G`` in a hook on the layer's output tensor (full
 backward hooks break with ``ReLU(inplace=True)``). Only modules in training mode with grad enabled are
@@ -40,6 +45,16 @@ from lightning_dpkfac.layers import KFACLayer, discover_layers
 
 log = logging.getLogger("lightning_dpkfac")
 
+# The per-layer flag that rides with each broadcast result (all ranks act on it identically).
+PLAIN = 0.0  # not preconditioned (no decomposition yet, or no gradient)
+PRECONDITIONED = 1.0
+PRECONDITIONED_AFTER_FAULT = 2.0  # preconditioned with the last good state after a failed update
+PLAIN_AFTER_FAULT = 3.0  # a fault left no usable preconditioner: plain gradient
+
+
+class KFACNumericalError(RuntimeError):
+    """A layer's K-FAC state was non-finite on ``max_consecutive_faults`` steps in a row."""
+
 
 @dataclass
 class _LayerState:
@@ -59,6 +74,7 @@ class _LayerState:
     # inverse method: damped inverses
     a_inv: Tensor | None = None
     g_inv: Tensor | None = None
+    fault: bool = False  # a factor update or decomposition of this step failed (owner only)
 
     def decomposed(self) -> bool:
         return self.qa is not None or self.a_inv is not None
@@ -73,8 +89,6 @@ class KFACPreconditioner:
         config: a :class:`KFACConfig`; keyword arguments override its fields (``damping=3e-3``, ...).
         process_group: the group that shares the work (default: the default group when
             ``torch.distributed`` is initialized, else a single process).
-        comm: a :class:`Communicator` to use instead of one on ``process_group`` (the Lightning strategy
-            shares its own, so that DDP's gradient traffic and K-FAC's are counted together).
 
     Call :meth:`step` after the gradients are averaged over ranks and before ``optimizer.step()``.
     """
@@ -85,18 +99,20 @@ class KFACPreconditioner:
         config: KFACConfig | None = None,
         *,
         process_group: dist.ProcessGroup | None = None,
-        comm: Communicator | None = None,
         **overrides: Any,
     ) -> None:
         self.config = (config or KFACConfig()).replace(**overrides) if overrides else (config or KFACConfig())
         self.model = model
-        self.comm = comm or Communicator(process_group, int(self.config.bucket_cap_mb * 2**20))
+        self.comm = Communicator(process_group, int(self.config.bucket_cap_mb * 2**20))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.layers, self.skipped = discover_layers(model, self.config.skip_layers)
         self.costs = [layer_cost(LayerShape(l.d_a, l.d_g), self.config.inv_update_steps) for l in self.layers]
         self.owners = assign_owners(self.costs, self.world_size)
         self.steps = 0
         self.timings: dict[str, float] = defaultdict(float)  # seconds, cumulative, per phase
+        self.faults_total = 0  # layer-steps with a numerical fault, the same count on every rank
+        self.last_step_faults = 0
+        self._consecutive_faults = [0] * len(self.layers)
         self._states: dict[int, _LayerState] = {
             i: _LayerState(dtype=torch.promote_types(layer.weight.dtype, torch.float32))
             for i, layer in enumerate(self.layers)
@@ -229,13 +245,17 @@ class KFACPreconditioner:
         if kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs a learning rate: pass lr=... to KFACPreconditioner or to step(), "
                              "or set kl_clip=None.")
+        for state in self._states.values():
+            state.fault = False
         if k % cfg.factor_update_steps == 0:
             self._update_factors(cfg.value("factor_decay", k))
         if k % cfg.inv_update_steps == 0:
             with self._timed("inverse"):
                 for state in self._owned_states():
-                    self._decompose(state, damping)
-        self._precondition_and_share(damping, kl_clip, lr)
+                    if state.A is not None and state.G is not None and not self._decompose(state, damping):
+                        state.fault = True
+        flags = self._precondition_and_share(damping, kl_clip, lr)
+        self._count_faults(flags)
         self.steps += 1
 
     def _owned_states(self) -> Iterator[_LayerState]:
@@ -256,11 +276,21 @@ class KFACPreconditioner:
         if self.config.mode == "dkfac" and self.world_size > 1:
             batch = self._all_reduce_factors(batch)
         with self._timed("factor"):
-            for i, (a, g) in batch.items():
+            captured = {i: (a, g) for i, (a, g) in batch.items() if a is not None and g is not None}
+            if not captured:
+                return
+            # One host sync for all layers: a non-finite batch (inf/NaN input, overflow) must not
+            # poison the running average, which would outlive the bad batch.
+            finite = torch.stack(
+                [(torch.isfinite(a).all() & torch.isfinite(g).all()).cpu() for a, g in captured.values()]
+            ).tolist()
+            for (i, (a, g)), ok in zip(captured.items(), finite):
                 s = self._states[i]
-                if a is not None and g is not None:
-                    s.A = a if s.A is None else s.A.mul_(decay).add_(a, alpha=1 - decay)
-                    s.G = g if s.G is None else s.G.mul_(decay).add_(g, alpha=1 - decay)
+                if not ok:
+                    s.fault = True
+                    continue
+                s.A = a if s.A is None else s.A.mul_(decay).add_(a, alpha=1 - decay)
+                s.G = g if s.G is None else s.G.mul_(decay).add_(g, alpha=1 - decay)
 
     def _all_reduce_factors(
         self, batch: dict[int, tuple[Tensor | None, Tensor | None]]
@@ -285,19 +315,37 @@ class KFACPreconditioner:
             out[i] = (a / n, g / n) if n > 0 else (None, None)
         return out
 
-    def _decompose(self, state: _LayerState, damping: float) -> None:
-        if state.A is None or state.G is None:
-            return
+    def _decompose(self, state: _LayerState, damping: float) -> bool:
+        """Eigendecompose (or invert) the running factors into ``state``; on failure (an exception or a
+        non-finite result) retry in float64, then with 10x damping, and otherwise keep the last good
+        decomposition. Returns whether a new one was stored."""
+        assert state.A is not None and state.G is not None
+        attempts = [(state.dtype, 0.0), (torch.float64, 0.0), (torch.float64, 10 * damping)]
+        for dtype, jitter in attempts:
+            try:
+                result = self._decomposition(state.A.to(dtype), state.G.to(dtype), damping, jitter)
+            except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
+                continue
+            if all(bool(torch.isfinite(t).all()) for t in result):
+                if self.config.method == "eigen":
+                    state.qa, state.qg, state.dgda = (t.to(state.dtype) for t in result)
+                else:
+                    state.a_inv, state.g_inv = (t.to(state.dtype) for t in result)
+                return True
+        log.warning("K-FAC decomposition failed (%s); keeping the last good one", self.config.method)
+        return False
+
+    def _decomposition(self, A: Tensor, G: Tensor, damping: float, jitter: float) -> tuple[Tensor, ...]:
+        """eigen: ``(Qa, Qg, dg outer da)`` of ``A + jitter I`` and ``G + jitter I``; inverse:
+        ``((A + (damping + jitter) I)^-1, (G + (damping + jitter) I)^-1)``."""
+        eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         if self.config.method == "eigen":
-            da, state.qa = torch.linalg.eigh(state.A)
-            dg, state.qg = torch.linalg.eigh(state.G)
+            da, qa = torch.linalg.eigh(A + jitter * eye_a)
+            dg, qg = torch.linalg.eigh(G + jitter * eye_g)
             # Round-off can make eigenvalues of these PSD matrices slightly negative: clip at zero.
-            state.dgda = torch.outer(dg.clamp_(min=0), da.clamp_(min=0))
-        else:
-            eye_a = torch.eye(state.A.shape[0], dtype=state.A.dtype, device=state.A.device)
-            eye_g = torch.eye(state.G.shape[0], dtype=state.G.dtype, device=state.G.device)
-            state.a_inv = torch.linalg.inv(state.A + damping * eye_a)
-            state.g_inv = torch.linalg.inv(state.G + damping * eye_g)
+            return qa, qg, torch.outer(dg.clamp_(min=0), da.clamp_(min=0))
+        return torch.linalg.inv(A + (damping + jitter) * eye_a), torch.linalg.inv(G + (damping + jitter) * eye_g)
 
     def _precondition(self, state: _LayerState, grad: Tensor, damping: float) -> Tensor:
         """``P`` (d_g x d_a) for the gradient matrix ``grad``, in the factor dtype."""
@@ -309,24 +357,17 @@ class KFACPreconditioner:
         assert state.g_inv is not None and state.a_inv is not None
         return state.g_inv @ grad @ state.a_inv
 
-    def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None) -> None:
-        """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer; all ranks KL-clip and write."""
+    def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None) -> Tensor:
+        """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer; all ranks KL-clip and write.
+        Returns the flags of all layers (the same on every rank)."""
         payloads: list[Tensor] = []
         with self._timed("precondition"):
             for i, layer in enumerate(self.layers):
-                dtype, device = layer.weight.dtype, layer.weight.device
-                if self.owners[i] != self.rank:
-                    payloads.append(torch.empty(layer.num_params + 2, dtype=dtype, device=device))
-                    continue
-                grad = layer.grad_matrix()
-                state = self._states[i]
-                if grad is None or not state.decomposed():
-                    plain = grad if grad is not None else torch.zeros(layer.d_g, layer.d_a, dtype=dtype, device=device)
-                    payloads.append(torch.cat([plain.reshape(-1), plain.new_zeros(2)]))
-                    continue
-                p = self._precondition(state, grad, damping)
-                vg = (p * grad.to(p.dtype)).sum().reshape(1)
-                payloads.append(torch.cat([p.reshape(-1), vg, vg.new_ones(1)]).to(dtype))
+                if self.owners[i] == self.rank:
+                    payloads.append(self._owner_payload(i, damping))
+                else:
+                    w = layer.weight
+                    payloads.append(torch.empty(layer.num_params + 2, dtype=w.dtype, device=w.device))
         with self._timed("comm"):
             self.comm.broadcast_from_owners(payloads, self.owners, "preconditioned")
         with self._timed("precondition"):
@@ -334,9 +375,49 @@ class KFACPreconditioner:
             for layer, payload in zip(self.layers, payloads):
                 if layer.weight.grad is None:
                     continue
-                flag = payload[-1]
-                factor = torch.where(flag > 0, scale.to(payload.dtype), torch.ones_like(flag))
+                factor = torch.where(_is_preconditioned(payload[-1]), scale.to(payload.dtype), 1.0)
                 layer.set_grad_matrix((payload[:-2] * factor).view(layer.d_g, layer.d_a))
+        if not payloads:
+            return torch.zeros(0)
+        device = payloads[0].device
+        return torch.stack([p[-1].to(device=device, dtype=torch.float32) for p in payloads]).cpu()
+
+    def _owner_payload(self, index: int, damping: float) -> Tensor:
+        """``[P or plain grad (flattened), sum(P * grad), flag]`` of an owned layer, in the grad's dtype.
+        A non-finite ``P`` falls back to the plain gradient without a host sync."""
+        layer, state = self.layers[index], self._states[index]
+        w = layer.weight
+        grad = layer.grad_matrix()
+        if grad is None:
+            grad = torch.zeros(layer.d_g, layer.d_a, dtype=w.dtype, device=w.device)
+        if layer.weight.grad is None or not state.decomposed():
+            flag = PLAIN_AFTER_FAULT if state.fault else PLAIN
+            return torch.cat([grad.reshape(-1), grad.new_tensor([0.0, flag])])
+        p = self._precondition(state, grad, damping)
+        ok = torch.isfinite(p).all()
+        vg = torch.where(ok, (p * grad.to(p.dtype)).sum(), 0.0)
+        good = PRECONDITIONED_AFTER_FAULT if state.fault else PRECONDITIONED
+        flag = torch.where(ok, good, PLAIN_AFTER_FAULT).to(p.dtype)
+        body = torch.where(ok, p, grad.to(p.dtype))
+        return torch.cat([body.reshape(-1), vg.reshape(1), flag.reshape(1)]).to(w.dtype)
+
+    def _count_faults(self, flags: Tensor) -> None:
+        """Update the fault counters from the shared flags; raise once a layer failed too often in a row
+        (on every rank at the same step, since the flags are the same everywhere)."""
+        faulty = (flags >= PRECONDITIONED_AFTER_FAULT).tolist()
+        self.last_step_faults = sum(faulty)
+        self.faults_total += self.last_step_faults
+        for i, bad in enumerate(faulty):
+            self._consecutive_faults[i] = self._consecutive_faults[i] + 1 if bad else 0
+        limit = self.config.max_consecutive_faults
+        failing = [self.layers[i].name for i, n in enumerate(self._consecutive_faults) if n >= limit]
+        if failing:
+            raise KFACNumericalError(
+                f"K-FAC state of layer(s) {failing} was non-finite on {limit} consecutive steps (step "
+                f"{self.steps}). The inputs or gradients likely contain inf/NaN, or the factors are too "
+                f"ill-conditioned: check the data, lower the learning rate, raise damping (now "
+                f"{self.config.value('damping', self.steps)}), or raise max_consecutive_faults."
+            )
 
     def _kl_scale(self, payloads: list[Tensor], kl_clip: float | None, lr: float | None) -> Tensor:
         """``nu = min(1, sqrt(kl_clip / |lr^2 sum_l sum(P_l * grad_l)|))`` as a 0-d float64 tensor, computed
@@ -345,7 +426,7 @@ class KFACPreconditioner:
         if kl_clip is None or not payloads:
             return torch.ones((), dtype=torch.float64, device=device)
         assert lr is not None
-        vg = torch.stack([(p[-2] * p[-1]).to(torch.float64).to(device) for p in payloads]).sum()
+        vg = torch.stack([(p[-2] * _is_preconditioned(p[-1])).to(torch.float64).to(device) for p in payloads]).sum()
         ratio = kl_clip / (lr**2 * vg.abs())
         return torch.clamp(torch.sqrt(ratio), max=1.0)
 
@@ -356,6 +437,10 @@ class KFACPreconditioner:
             yield
         finally:
             self.timings[phase] += time.perf_counter() - start
+
+
+def _is_preconditioned(flag: Tensor) -> Tensor:
+    return (flag == PRECONDITIONED) | (flag == PRECONDITIONED_AFTER_FAULT)
 
 
 def _grad_target(output: Tensor) -> Tensor:

@@ -1,0 +1,118 @@
+"""Numerical faults: a bad batch or a failed decomposition costs one layer one step of K-FAC, never
+diverges the ranks, and stops training with a clear error only when it keeps happening."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_dpkfac import KFACPreconditioner
+from lightning_dpkfac.preconditioner import KFACNumericalError
+
+HP = dict(damping=1e-2, lr=0.1, kl_clip=1e-3, inv_update_steps=1)
+
+
+def batch(step: int, overflow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (8, 6) batch; ``overflow`` puts 1e25 in one input, so A = a^T a / n overflows float32 to inf
+    while the forward pass and the gradient stay finite."""
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    if overflow:
+        x[0, 0] = 1e25
+    return x, y
+
+
+def train(model: nn.Module, pre: KFACPreconditioner, steps: int, bad_step: int | None = None) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        opt.zero_grad()
+        x, y = batch(step, overflow=step == bad_step)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
+
+
+def test_overflowing_batch_skips_one_factor_update_and_training_goes_on() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    pre = KFACPreconditioner(layer, **HP)
+    train(layer, pre, steps=3)
+    A_before = pre.factors("")[0].clone()
+    train(layer, pre, steps=1, bad_step=0)
+    assert pre.faults_total == 1 and pre.last_step_faults == 1
+    assert torch.equal(pre.factors("")[0], A_before), "the bad batch must not reach the running average"
+    train(layer, pre, steps=2)
+    assert pre.faults_total == 1 and all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+def test_failed_float32_eigh_is_retried_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_eigh, calls = torch.linalg.eigh, []
+
+    def eigh_failing_in_float32(m: torch.Tensor):
+        calls.append(m.dtype)
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("forced failure")
+        return real_eigh(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh_failing_in_float32)
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    pre = KFACPreconditioner(layer, **HP)
+    train(layer, pre, steps=2)
+    assert calls[:3] == [torch.float32, torch.float64, torch.float64]  # A fails, then A and G in float64
+    assert pre.faults_total == 0 and pre._states[0].qa.dtype == torch.float32
+
+
+def test_failed_decomposition_keeps_the_last_good_one_then_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    pre = KFACPreconditioner(layer, max_consecutive_faults=3, **HP)
+    train(layer, pre, steps=2)
+    good = pre._states[0].qa.clone()
+
+    def broken_eigh(m: torch.Tensor):
+        raise torch.linalg.LinAlgError("forced failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
+    train(layer, pre, steps=2)
+    assert pre.faults_total == 2 and torch.equal(pre._states[0].qa, good)
+    with pytest.raises(KFACNumericalError, match=r"layer\(s\) \[''\] was non-finite on 3 consecutive steps"):
+        train(layer, pre, steps=1)
+
+
+def _owner_only_fault(rank: int, world: int, break_from_step: int) -> dict:
+    """Two layers; the owner of layer '0' loses its eigh from ``break_from_step`` on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    ddp = DistributedDataParallel(model)
+    pre = KFACPreconditioner(model, max_consecutive_faults=2, **HP)
+    pre.register_ddp_comm_hook(ddp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    real_eigh = torch.linalg.eigh
+    raised_at = None
+    for step in range(5):
+        if step == break_from_step and pre.owner_of("0") == rank:
+            torch.linalg.eigh = lambda m: (_ for _ in ()).throw(torch.linalg.LinAlgError("forced"))
+        opt.zero_grad()
+        x, y = batch(10 * step + rank)
+        F.cross_entropy(ddp(x), y).backward()
+        try:
+            pre.step()
+        except KFACNumericalError:
+            raised_at = step
+            break
+        opt.step()
+    torch.linalg.eigh = real_eigh
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return {"raised_at": raised_at, "faults": pre.faults_total, "same_params": torch.equal(*gathered)}
+
+
+def test_a_fault_on_the_owner_is_acted_on_identically_by_every_rank(ranks) -> None:
+    results = ranks(_owner_only_fault, 2, 2)
+    assert results[0] == results[1] == {"raised_at": 3, "faults": 2, "same_params": True}
