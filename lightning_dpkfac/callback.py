@@ -24,7 +24,9 @@ class KFACCallback(pl.Callback):
     """Preconditions the gradients of the optimizer that owns the K-FAC layers, then logs, per step:
     ``kfac/time_<phase>`` (seconds on this rank, phases: factor, inverse, precondition, comm),
     ``kfac/bytes_<kind>`` (bytes per rank, kinds: gradients, factors, inverses, preconditioned),
-    ``kfac/damping`` and ``kfac/kl_lr``.
+    ``kfac/faults`` (layers whose K-FAC state was non-finite this step), ``kfac/damping`` and ``kfac/kl_lr``.
+
+    Its checkpoint state is the engine's (factors, decompositions, counters), gathered onto rank 0.
 
     Args:
         preconditioner: the engine the strategy built.
@@ -38,6 +40,16 @@ class KFACCallback(pl.Callback):
         self._covered = {id(layer.weight) for layer in preconditioner.layers}
         self._last_times: dict[str, float] = {}
         self._last_bytes: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective (Lightning builds the checkpoint dict on every rank): the K-FAC state of every
+        layer, gathered from its owner onto rank 0, whose dict is the one written."""
+        state = self.preconditioner.gather_state_dict(dst=0)
+        return {} if state is None else {"kfac": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "kfac" in state_dict:
+            self.preconditioner.load_state_dict(state_dict["kfac"])
 
     def _owns_kfac_layers(self, optimizer: Optimizer) -> bool:
         return any(id(p) in self._covered for group in optimizer.param_groups for p in group["params"])
@@ -60,6 +72,7 @@ class KFACCallback(pl.Callback):
             metrics[f"kfac/time_{phase}"] = times.get(phase, 0.0) - self._last_times.get(phase, 0.0)
         for kind in KINDS:
             metrics[f"kfac/bytes_{kind}"] = sent.get(kind, 0.0) - self._last_bytes.get(kind, 0.0)
+        metrics["kfac/faults"] = float(pre.last_step_faults)
         metrics["kfac/damping"] = float(pre.config.value("damping", step))
         if lr is not None or pre.config.lr is not None:
             metrics["kfac/kl_lr"] = float(lr if lr is not None else pre.config.value("lr", step))

@@ -52,6 +52,10 @@ PRECONDITIONED_AFTER_FAULT = 2.0  # preconditioned with the last good state afte
 PLAIN_AFTER_FAULT = 3.0  # a fault left no usable preconditioner: plain gradient
 
 
+STATE_FORMAT = 1
+_STATE_TENSORS = ("A", "G", "qa", "qg", "dgda", "a_inv", "g_inv")
+
+
 class KFACNumericalError(RuntimeError):
     """A layer's K-FAC state was non-finite on ``max_consecutive_faults`` steps in a row."""
 
@@ -200,6 +204,77 @@ class KFACPreconditioner:
     def gradient_owner(self, param: Tensor) -> int | None:
         """The rank that owns ``param``'s gradient (a K-FAC layer's weight or bias), or None."""
         return self._param_owner.get(id(param))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The state of the layers this rank *owns*: factors and decompositions as CPU tensors, plus
+        counters. Only tensors, numbers and strings, so ``torch.load(weights_only=True)`` reads it."""
+        layers: dict[str, dict[str, Any]] = {}
+        for i, s in self._states.items():
+            if self.owners[i] != self.rank or s.A is None or s.G is None:
+                continue
+            entry: dict[str, Any] = {"d_a": self.layers[i].d_a, "d_g": self.layers[i].d_g}
+            for key in _STATE_TENSORS:
+                tensor = getattr(s, key)
+                if tensor is not None:
+                    entry[key] = tensor.detach().cpu().clone()
+            layers[self.layers[i].name] = entry
+        return {
+            "format": STATE_FORMAT,
+            "steps": self.steps,
+            "method": self.config.method,
+            "faults_total": self.faults_total,
+            "consecutive_faults": {l.name: n for l, n in zip(self.layers, self._consecutive_faults)},
+            "layers": layers,
+        }
+
+    def gather_state_dict(self, dst: int = 0) -> dict[str, Any] | None:
+        """Collective: every layer's state, each from its owner, on rank ``dst`` (``None`` elsewhere).
+        Rank ``dst`` holds all factors only while the caller keeps the result (e.g. during a save)."""
+        local = self.state_dict()
+        if self.world_size == 1:
+            return local
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(local, gathered, dst=self.comm.global_rank(dst), group=self.comm.group)
+        if gathered is None:
+            return None
+        for part in gathered[1:]:
+            local["layers"].update(part["layers"])
+        return local
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a full state (:meth:`gather_state_dict` of any world size): every rank keeps the
+        layers it holds under *this* run's owner map. Raises ``ValueError`` naming any mismatch."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a K-FAC state of format {STATE_FORMAT}: got keys {sorted(state)[:8]}")
+        saved = state["layers"]
+        problems = [f"missing layer '{l.name}'" for l in self.layers if l.name not in saved]
+        problems += [f"unexpected layer '{n}'" for n in saved if n not in {l.name for l in self.layers}]
+        for layer in self.layers:
+            entry = saved.get(layer.name)
+            if entry is not None and (entry["d_a"], entry["d_g"]) != (layer.d_a, layer.d_g):
+                problems.append(f"layer '{layer.name}' has factors A {entry['d_a']}x{entry['d_a']}, "
+                                f"G {entry['d_g']}x{entry['d_g']} in the checkpoint but "
+                                f"A {layer.d_a}x{layer.d_a}, G {layer.d_g}x{layer.d_g} in the model")
+        if problems:
+            raise ValueError("The K-FAC state in the checkpoint does not match this model: " + "; ".join(problems)
+                             + ". Was it saved from another model or with other skip_layers?")
+        same_method = state["method"] == self.config.method
+        for i, s in self._states.items():
+            entry, device = saved[self.layers[i].name], self.layers[i].weight.device
+            for key in _STATE_TENSORS:
+                owned_decomposition = key not in ("A", "G") and self.owners[i] == self.rank and same_method
+                value = entry.get(key) if key in ("A", "G") or owned_decomposition else None
+                setattr(s, key, None if value is None else value.to(device=device, dtype=s.dtype))
+            s.a_batch = s.g_batch = None
+            s.a_count = s.g_count = 0
+        self.steps = int(state["steps"])
+        self.faults_total = int(state["faults_total"])
+        self._consecutive_faults = [int(state["consecutive_faults"].get(l.name, 0)) for l in self.layers]
+        if not same_method:  # decompositions of the other method are useless: make new ones now
+            for state_ in self._owned_states():
+                if state_.A is not None and state_.G is not None:
+                    self._decompose(state_, self.config.value("damping", self.steps))
 
     def remove_hooks(self) -> None:
         """Detach from the model; the preconditioner stops capturing."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import inspect
+import pickle
+import zipfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -62,6 +64,21 @@ class DPKFACStrategy(DDPStrategy):
         rank_zero_info(self.preconditioner.describe())
         self._callback = KFACCallback(self.preconditioner)
         trainer.callbacks.append(self._callback)
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Restore after :meth:`setup`, so that the K-FAC callback exists to receive its state."""
+        return True
+
+    def load_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(checkpoint_path)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+            raise ValueError(
+                f"Could not read checkpoint '{checkpoint_path}': it is truncated, corrupted or not a checkpoint "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+                "Resume from an earlier checkpoint file."
+            ) from error
 
     def setup_distributed(self) -> None:
         super().setup_distributed()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import queue as queue_module
 import socket
 import traceback
 from collections.abc import Callable
@@ -30,7 +32,11 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], ar
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
         result = fn(rank, world_size, *args)
         dist.barrier()
-        queue.put((rank, "ok", result))
+        # Bytes, not objects: a tensor put on a multiprocessing queue is shared through a handle that
+        # dies with this process.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report every failure to the parent, whatever it is
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -56,11 +62,11 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
         for _ in range(world_size):
             try:
                 rank, status, payload = queue.get(timeout=timeout)
-            except Exception:
+            except queue_module.Empty:
                 hung = [r for r in range(world_size) if r not in results]
                 raise TimeoutError(f"ranks {hung} gave no result within {timeout} s") from None
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -1,0 +1,120 @@
+"""The engine's checkpoint state: complete, world-size independent, plain tensors, and checked on load."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_dpkfac import KFACPreconditioner
+
+HP = dict(damping=1e-2, lr=0.1, kl_clip=1e-3, inv_update_steps=3, factor_decay=0.9)
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def train(model: nn.Module, pre: KFACPreconditioner, steps: range, ddp: nn.Module | None = None) -> list[torch.Tensor]:
+    """SGD steps on per-step batches; returns the preconditioned gradients of the last step."""
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        model.zero_grad()
+        F.cross_entropy((ddp or model)(x), y).backward()
+        pre.step()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_resumed_engine_continues_bit_identically() -> None:
+    model_a = make_model()
+    pre_a = KFACPreconditioner(model_a, **HP)
+    train(model_a, pre_a, range(4))  # step 4 is not a decomposition step: the saved one must be used
+    model_b = make_model()
+    model_b.load_state_dict(model_a.state_dict())
+    pre_b = KFACPreconditioner(model_b, **HP)
+    pre_b.load_state_dict(pre_a.state_dict())
+    grads_a, grads_b = train(model_a, pre_a, range(4, 8)), train(model_b, pre_b, range(4, 8))
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert pre_b.steps == pre_a.steps == 8
+
+
+def test_state_loads_with_weights_only() -> None:
+    model = make_model()
+    pre = KFACPreconditioner(model, **HP)
+    train(model, pre, range(2))
+    buffer = io.BytesIO()
+    torch.save(pre.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert torch.equal(state["layers"]["2"]["A"], pre.factors("2")[0])
+
+
+def test_state_of_another_model_is_refused_naming_the_mismatch() -> None:
+    model = make_model()
+    pre = KFACPreconditioner(model, **HP)
+    train(model, pre, range(1))
+    other = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=r"layer '2' has factors A 9x9, G 8x8 in the checkpoint but A 9x9, G 5x5"):
+        KFACPreconditioner(other, **HP).load_state_dict(pre.state_dict())
+    with pytest.raises(ValueError, match=r"unexpected layer '4'.*other skip_layers"):
+        KFACPreconditioner(model, skip_layers=["4"], **HP).load_state_dict(pre.state_dict())
+
+
+def test_changing_method_on_resume_rebuilds_the_decompositions() -> None:
+    model = make_model()
+    pre = KFACPreconditioner(model, method="eigen", **HP)
+    train(model, pre, range(2))
+    resumed = KFACPreconditioner(model, method="inverse", **HP)
+    resumed.load_state_dict(pre.state_dict())
+    assert resumed._states[0].a_inv is not None and resumed._states[0].qa is None
+
+
+def _gather_on_two_ranks(rank: int, world: int) -> dict:
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    pre = KFACPreconditioner(model, **HP)
+    pre.register_ddp_comm_hook(ddp)
+    train(model, pre, range(2 * rank, 2 * rank + 4), ddp)  # different batches per rank
+    full = pre.gather_state_dict(dst=0)
+    mine = {n: pre.factors(n) for n in ("0", "2", "4") if pre.factors(n) is not None}
+    return {"full": full, "mine": mine}
+
+
+def test_gather_collects_every_layer_from_its_owner_on_rank_zero_only(ranks) -> None:
+    results = ranks(_gather_on_two_ranks, 2)
+    full = results[0]["full"]
+    assert results[1]["full"] is None
+    assert sorted(full["layers"]) == ["0", "2", "4"]
+    for res in results:
+        for name, (A, G) in res["mine"].items():
+            assert torch.equal(full["layers"][name]["A"], A) and torch.equal(full["layers"][name]["G"], G)
+
+
+def _load_into_two_ranks(rank: int, world: int, state: dict) -> dict:
+    model = make_model()
+    pre = KFACPreconditioner(model, **HP)
+    pre.load_state_dict(state)
+    return {n: (pre.owner_of(n), pre.factors(n)) for n in ("0", "2", "4")}
+
+
+def test_one_rank_state_reshards_onto_two_ranks_by_the_new_owner_map(ranks) -> None:
+    model = make_model()
+    pre = KFACPreconditioner(model, **HP)
+    train(model, pre, range(3))
+    state = pre.state_dict()
+    for rank, held in enumerate(ranks(_load_into_two_ranks, 2, state)):
+        for name, (owner, factors) in held.items():
+            if owner == rank:
+                assert torch.equal(factors[0], state["layers"][name]["A"])
+                assert torch.equal(factors[1], state["layers"][name]["G"])
+            else:
+                assert factors is None
