@@ -11,9 +11,11 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import inspect
+import os
 import pickle
+import sys
 import zipfile
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch.distributed as dist
@@ -70,10 +72,12 @@ class DPKFACStrategy(DDPStrategy):
         """Restore after :meth:`setup`, so that the K-FAC callback exists to receive its state."""
         return True
 
-    def load_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
-            return super().load_checkpoint(checkpoint_path)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
             raise ValueError(
                 f"Could not read checkpoint '{checkpoint_path}': it is truncated, corrupted or not a checkpoint "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
@@ -137,6 +141,21 @@ class DPKFACStrategy(DDPStrategy):
 def _destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End a training script without Python's interpreter finalization, after destroying the process
+    group and flushing output.
+
+    Multi-process gloo runs (Lightning's own ``strategy="ddp"`` too) sometimes abort while the interpreter
+    shuts down, after all work is done ("terminate called without an active exception", exit code 134;
+    about 1 run in 10-20 on a 2-core machine). Scripts whose exit code matters (CI, schedulers) call this
+    as their last statement on success.
+    """
+    _destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _fingerprint(config: KFACConfig) -> dict[str, Any]:

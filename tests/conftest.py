@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import os
 import queue as queue_module
+import signal
 import socket
+import subprocess
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,11 +97,36 @@ _LAUNCH_VARS = ("LOCAL_RANK", "RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_S
 _LAUNCH_PREFIXES = ("SLURM_", "TORCHELASTIC_")
 
 
-@pytest.fixture
-def clean_env() -> dict[str, str]:
+def launch_env() -> dict[str, str]:
     """A copy of ``os.environ`` without stray launcher variables (``SLURM_*``, ``RANK``, ``MASTER_PORT``...)."""
     return {
         key: value
         for key, value in os.environ.items()
         if key not in _LAUNCH_VARS and not key.startswith(_LAUNCH_PREFIXES)
     }
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    """:func:`launch_env` as a fixture."""
+    return launch_env()
+
+
+def _run_script(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout} s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output)
+
+
+@pytest.fixture
+def run_script() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``run_script(cmd, env, cwd, timeout)`` runs a command that may launch ranks (e.g. a Lightning script)
+    in a new session and returns its exit code and output (stdout and stderr together). Past ``timeout``
+    seconds the whole session, ranks included, is killed and the test fails with the output's tail."""
+    return _run_script

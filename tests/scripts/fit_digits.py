@@ -1,0 +1,95 @@
+"""A small, deterministic Lightning fit of the digits MLP with the dpkfac strategy, for checkpoint tests.
+
+Run as a subprocess (Lightning's launcher re-runs this command line for the other ranks):
+
+    python tests/scripts/fit_digits.py --devices 2 --epochs 3 --ckpt-dir D [--resume D/epoch=0.ckpt]
+        [--out result.pt] [--kill-rank 1 --kill-at-step 12]
+
+Rank 0 writes ``--out``: final parameters, per-step training losses, and every rank's K-FAC factors as
+they were right after the checkpoint was restored (before any training step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning_dpkfac
+from lightning_dpkfac.data import DigitsDataModule
+from lightning_dpkfac.models import ClassifierModule, mlp
+
+
+class Recorder(pl.Callback):
+    """Keeps per-step losses, the factors at fit start, and kills a rank on request."""
+
+    def __init__(self, kill_rank: int | None, kill_at_step: int | None) -> None:
+        self.losses: dict[int, float] = {}
+        self.factors_at_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kill_rank, self.kill_at_step = kill_rank, kill_at_step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pre = trainer.strategy.preconditioner
+        for layer in pre.layers:
+            factors = pre.factors(layer.name)
+            if factors is not None:
+                self.factors_at_start[layer.name] = (factors[0].clone(), factors[1].clone())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if trainer.global_rank == self.kill_rank and trainer.global_step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--ckpt-dir", type=Path, required=True)
+    p.add_argument("--resume", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--kill-rank", type=int, default=None)
+    p.add_argument("--kill-at-step", type=int, default=None)
+    p.add_argument("--timeout-s", type=float, default=30.0)
+    args = p.parse_args()
+
+    pl.seed_everything(0, workers=True)
+    recorder = Recorder(args.kill_rank, args.kill_at_step)
+    strategy = lightning_dpkfac.DPKFACStrategy(
+        damping=1e-2, inv_update_steps=7, timeout=timedelta(seconds=args.timeout_s)
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs,
+        callbacks=[recorder, ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1)],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, deterministic=True,
+    )
+    module = ClassifierModule(mlp(hidden=(32,)), lr=0.1)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32, flatten=True), ckpt_path=args.resume)
+
+    gathered: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered, recorder.factors_at_start)
+    if trainer.is_global_zero and args.out is not None:
+        torch.save(
+            {
+                "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
+                "losses": recorder.losses,
+                "factors_at_start": gathered,
+                "owners": {l.name: o for l, o in zip(strategy.preconditioner.layers, strategy.preconditioner.owners)},
+                "steps": trainer.global_step,
+            },
+            args.out,
+        )
+
+
+if __name__ == "__main__":
+    main()
+    lightning_dpkfac.exit_process(0)
