@@ -7,7 +7,7 @@ Importing the package registers the strategies "dpkfac" and "dkfac" with
 from lightning_dpkfac.config import KFACConfig
 from lightning_dpkfac.layers import UnsupportedLayerError
 from lightning_dpkfac.preconditioner import KFACPreconditioner
-from lightning_dpkfac.strategy import DPKFACStrategy
+from lightning_dpkfac.strategy import DPKFACStrategy, exit_process
 
-__all__ = ["DPKFACStrategy", "KFACConfig", "KFACPreconditioner", "UnsupportedLayerError"]
+__all__ = ["DPKFACStrategy", "KFACConfig", "KFACPreconditioner", "UnsupportedLayerError", "exit_process"]
 __version__ = "0.1.0"
