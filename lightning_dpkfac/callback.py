@@ -20,6 +20,28 @@ if TYPE_CHECKING:
 PHASES = ("factor", "inverse", "precondition", "comm")
 
 
+def check_optimizers(optimizers: list[Optimizer], pre: KFACPreconditioner) -> None:
+    """Raise ``ValueError`` naming the fix if the K-FAC layers' parameters are split over several
+    optimizers, or (with KL-clip reading the optimizer's lr) over parameter groups of different lr."""
+    covered = {id(p) for layer in pre.layers for p in layer.module.parameters(recurse=False)}
+    owners = [i for i, opt in enumerate(optimizers)
+              if any(id(p) in covered for g in opt.param_groups for p in g["params"])]
+    if len(owners) > 1:
+        raise ValueError(
+            f"The K-FAC layers' parameters are split over optimizers {owners}; K-FAC preconditions them in one "
+            "step, so they must all belong to one optimizer (other parameters may use other optimizers)."
+        )
+    if not owners or pre.config.kl_clip is None or pre.config.lr is not None:
+        return
+    lrs = {g["lr"] for g in optimizers[owners[0]].param_groups if any(id(p) in covered for p in g["params"])}
+    if len(lrs) > 1:
+        raise ValueError(
+            f"The K-FAC layers are in parameter groups with different learning rates {sorted(lrs)}, so KL-clip "
+            "cannot read one from the optimizer. Fix: pass lr=... to the strategy (the rate KL-clip should "
+            "assume), set kl_clip=None, or use one learning rate for the K-FAC layers."
+        )
+
+
 class KFACCallback(pl.Callback):
     """Preconditions the gradients of the optimizer that owns the K-FAC layers, then logs, per step:
     ``kfac/time_<phase>`` (seconds on this rank, phases: factor, inverse, precondition, comm),
@@ -50,6 +72,9 @@ class KFACCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "kfac" in state_dict:
             self.preconditioner.load_state_dict(state_dict["kfac"])
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_optimizers(trainer.optimizers, self.preconditioner)
 
     def _owns_kfac_layers(self, optimizer: Optimizer) -> bool:
         return any(id(p) in self._covered for group in optimizer.param_groups for p in group["params"])

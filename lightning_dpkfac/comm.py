@@ -123,6 +123,7 @@ def owner_reduce_hook(pre, bucket):  # type: ignore[no-untyped-def]
     see :func:`counting_all_reduce_hook`.)"""
     comm: Communicator = pre.comm
     buffer = bucket.buffer()
+    pre.on_gradient_bucket(is_last=bucket.is_last())
     if comm.world_size == 1:
         done: torch.futures.Future = torch.futures.Future()
         done.set_result(buffer)

@@ -117,6 +117,7 @@ class KFACPreconditioner:
         self.faults_total = 0  # layer-steps with a numerical fault, the same count on every rank
         self.last_step_faults = 0
         self._consecutive_faults = [0] * len(self.layers)
+        self._awaiting_step = False  # the owner-reduce hook finished a backward that step() has not followed
         self._states: dict[int, _LayerState] = {
             i: _LayerState(dtype=torch.promote_types(layer.weight.dtype, torch.float32))
             for i, layer in enumerate(self.layers)
@@ -200,6 +201,19 @@ class KFACPreconditioner:
             ddp.register_comm_hook(self, owner_reduce_hook)
         else:
             ddp.register_comm_hook(self.comm, counting_all_reduce_hook)
+
+    def on_gradient_bucket(self, is_last: bool) -> None:
+        """Called by the owner-reduce hook for each gradient bucket. A bucket arriving after a complete
+        backward that no :meth:`step` followed means the reduced gradients were never completed."""
+        if self._awaiting_step:
+            raise RuntimeError(
+                "dpkfac reduced the gradients of each K-FAC layer to its owner, but KFACPreconditioner.step() "
+                "was not called before the next backward, so the other ranks never received them. In Lightning "
+                "with manual optimization, call step() on the optimizer from self.optimizers() (a "
+                "LightningOptimizer, which runs K-FAC), not on the raw torch optimizer; in plain PyTorch call "
+                "pre.step() after every backward that synchronises gradients."
+            )
+        self._awaiting_step = is_last
 
     def gradient_owner(self, param: Tensor) -> int | None:
         """The rank that owns ``param``'s gradient (a K-FAC layer's weight or bias), or None."""
@@ -320,6 +334,7 @@ class KFACPreconditioner:
         if kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs a learning rate: pass lr=... to KFACPreconditioner or to step(), "
                              "or set kl_clip=None.")
+        self._awaiting_step = False
         for state in self._states.values():
             state.fault = False
         if k % cfg.factor_update_steps == 0:

@@ -113,3 +113,23 @@ def test_strategy_splits_kfac_and_ddp_keyword_arguments() -> None:
     strategy = DPKFACStrategy(damping=3e-3, inv_update_steps=20, find_unused_parameters=True)
     assert strategy.kfac_config.damping == 3e-3 and strategy.kfac_config.inv_update_steps == 20
     assert strategy._ddp_kwargs == {"find_unused_parameters": True}
+
+
+def test_kfac_layers_split_over_two_optimizers_are_refused() -> None:
+    from lightning_dpkfac.callback import check_optimizers
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    pre = KFACPreconditioner(model)
+    optimizers = [torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.SGD(model[1].parameters(), lr=0.1)]
+    with pytest.raises(ValueError, match=r"split over optimizers \[0, 1\]"):
+        check_optimizers(optimizers, pre)
+
+
+def test_kl_clip_with_groups_of_different_lr_asks_for_an_explicit_lr() -> None:
+    from lightning_dpkfac.callback import check_optimizers
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters(), "lr": 0.01}]
+    with pytest.raises(ValueError, match=r"different learning rates \[0.01, 0.1\].*pass lr=\.\.\. to the strategy"):
+        check_optimizers([torch.optim.SGD(groups)], KFACPreconditioner(model))
+    check_optimizers([torch.optim.SGD(groups)], KFACPreconditioner(model, lr=0.1))  # explicit lr: fine

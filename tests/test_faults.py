@@ -116,3 +116,22 @@ def _owner_only_fault(rank: int, world: int, break_from_step: int) -> dict:
 def test_a_fault_on_the_owner_is_acted_on_identically_by_every_rank(ranks) -> None:
     results = ranks(_owner_only_fault, 2, 2)
     assert results[0] == results[1] == {"raised_at": 3, "faults": 2, "same_params": True}
+
+
+def _backward_twice_without_step(rank: int, world: int) -> str:
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    ddp = DistributedDataParallel(model)
+    pre = KFACPreconditioner(model, **HP)
+    pre.register_ddp_comm_hook(ddp)
+    for step in range(2):
+        x, y = batch(step)
+        try:
+            F.cross_entropy(ddp(x), y).backward()
+        except RuntimeError as error:
+            return str(error)
+    return "no error"
+
+
+def test_a_backward_without_the_kfac_step_in_between_is_an_error(ranks) -> None:
+    for message in ranks(_backward_twice_without_step, 2):
+        assert "KFACPreconditioner.step() was not called before the next backward" in message
