@@ -9,6 +9,8 @@ any batch size). For a layer with weight ``W`` (d_g x ...) and optional bias, ``
 - ``g`` rows: the gradient of the loss w.r.t. the layer output, one row per (example, location), times the
   batch size ``B`` (the loss is a mean over the batch). ``G = g^T g / B``: per example the sum over its
   locations, averaged over examples (KFC, Grosse & Martens 2016).
+- A layer called several times in one forward pass (shared weights) is treated like more locations: the
+  engine averages ``A`` over the calls and sums ``G`` (see ``preconditioner._update_factors``).
 - "Locations" are the spatial positions of a convolution, and for a Linear every leading dimension after the
   first: a Linear on a (B, T, d_in) input treats its T positions like a convolution's locations. ``B`` is
   always ``input.shape[0]``.
@@ -191,10 +193,16 @@ def discover_layers(model: nn.Module, skip: list[str]) -> tuple[list[KFACLayer],
     """
     layers: list[KFACLayer] = []
     skipped: dict[str, str] = {}
+    # nn.MultiheadAttention computes its output projection from out_proj.weight directly: the Linear's
+    # forward (and so any hook on it) never runs.
+    bypassed = {f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
+                if isinstance(m, nn.MultiheadAttention)}
     for name, module in model.named_modules():
         if not isinstance(module, SUPPORTED):
             continue
-        if name in skip or type(module).__name__ in skip:
+        if name in bypassed:
+            skipped[name] = "forward bypassed by nn.MultiheadAttention (it reads the weight directly)"
+        elif name in skip or type(module).__name__ in skip:
             skipped[name] = "in skip_layers"
         elif not module.weight.requires_grad:
             skipped[name] = "frozen (weight.requires_grad is False)"

@@ -66,9 +66,10 @@ class _LayerState:
 
     dtype: torch.dtype
     a_batch: Tensor | None = None  # sum of A over the captures since the last factor update
-    g_batch: Tensor | None = None
-    a_count: int = 0
-    g_count: int = 0
+    g_batch: Tensor | None = None  # sum of G over the captures
+    a_count: int = 0  # forward captures (uses x micro-batches)
+    g_passes: int = 0  # distinct backward passes that reached the layer (micro-batches)
+    g_task: int = -1  # id of the backward pass of the last G capture
     A: Tensor | None = None  # running averages
     G: Tensor | None = None
     # eigen method: eigenvectors and the outer product of eigenvalues (d_g x d_a)
@@ -128,7 +129,9 @@ class KFACPreconditioner:
         }
         self._handles: list[RemovableHandle] = []
         for i in self._states:
-            self._handles.append(self.layers[i].module.register_forward_hook(partial(self._on_forward, i)))
+            # Under torch.compile the hook runs eagerly (a graph break) rather than being traced.
+            hook = torch.compiler.disable(partial(self._on_forward, i))
+            self._handles.append(self.layers[i].module.register_forward_hook(hook))
         log.info(self.describe())
 
     # ------------------------------------------------------------------ who does what
@@ -281,7 +284,7 @@ class KFACPreconditioner:
                 value = entry.get(key) if key in ("A", "G") or owned_decomposition else None
                 setattr(s, key, None if value is None else value.to(device=device, dtype=s.dtype))
             s.a_batch = s.g_batch = None
-            s.a_count = s.g_count = 0
+            s.a_count = s.g_passes = 0
         self.steps = int(state["steps"])
         self.faults_total = int(state["faults_total"])
         self._consecutive_faults = [int(state["consecutive_faults"].get(l.name, 0)) for l in self.layers]
@@ -309,14 +312,17 @@ class KFACPreconditioner:
             state.a_batch = A if state.a_batch is None else state.a_batch.add_(A)
             state.a_count += 1
         if output.requires_grad:
-            _grad_target(output).register_hook(partial(self._on_output_grad, index, output.shape))
+            _grad_target(output).register_hook(torch.compiler.disable(partial(self._on_output_grad, index, output.shape)))
 
     def _on_output_grad(self, index: int, shape: torch.Size, grad_output: Tensor) -> None:
         state = self._states[index]
         with self._timed("factor"), torch.no_grad(), _autocast_off(grad_output.device):
             G = self.layers[index].g_factor(grad_output.reshape(shape), state.dtype)
             state.g_batch = G if state.g_batch is None else state.g_batch.add_(G)
-            state.g_count += 1
+            task = torch._C._current_graph_task_id()
+            if task != state.g_task or task == -1:
+                state.g_passes += 1
+                state.g_task = task
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -339,6 +345,8 @@ class KFACPreconditioner:
             state.fault = False
         if k % cfg.factor_update_steps == 0:
             self._update_factors(cfg.value("factor_decay", k))
+            if k == 0:
+                self._warn_uncaptured()
         if k % cfg.inv_update_steps == 0:
             with self._timed("inverse"):
                 for state in self._owned_states():
@@ -347,6 +355,14 @@ class KFACPreconditioner:
         flags = self._precondition_and_share(damping, kl_clip, lr)
         self._count_faults(flags)
         self.steps += 1
+
+    def _warn_uncaptured(self) -> None:
+        """After the first step: name the owned layers whose forward never ran (bypassed or unused);
+        they keep their plain gradient until they are called."""
+        idle = [self.layers[i].name for i, s in self._states.items() if self.owners[i] == self.rank and s.A is None]
+        if idle:
+            log.warning("K-FAC layers %s were not called in the first training step; they keep their plain "
+                        "gradient until they are (add them to skip_layers if that is intended)", idle)
 
     def _owned_states(self) -> Iterator[_LayerState]:
         for i, state in self._states.items():
@@ -359,10 +375,13 @@ class KFACPreconditioner:
         with self._timed("factor"):
             for i, s in self._states.items():
                 a = s.a_batch / s.a_count if s.a_batch is not None and s.a_count else None
-                g = s.g_batch / s.g_count if s.g_batch is not None and s.g_count else None
+                # Uses of a layer within one backward pass add up (like a convolution's locations);
+                # M accumulated passes, each of a loss scaled by 1/M (as Lightning does), average:
+                # sum_passes (M g)(M g)^T / M = M * sum_passes G_pass.
+                g = s.g_batch * s.g_passes if s.g_batch is not None else None
                 batch[i] = (a, g)
                 s.a_batch = s.g_batch = None
-                s.a_count = s.g_count = 0
+                s.a_count = s.g_passes = 0
         if self.config.mode == "dkfac" and self.world_size > 1:
             batch = self._all_reduce_factors(batch)
         with self._timed("factor"):
