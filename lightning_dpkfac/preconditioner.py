@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -119,6 +119,8 @@ class KFACPreconditioner:
         self.last_step_faults = 0
         self._consecutive_faults = [0] * len(self.layers)
         self._awaiting_step = False  # the owner-reduce hook finished a backward that step() has not followed
+        self._loss_scale_fn: Callable[[], float] | None = None  # AMP GradScaler's current scale, if any
+        self._loss_scale: float | None = None  # read once per step
         self._states: dict[int, _LayerState] = {
             i: _LayerState(dtype=torch.promote_types(layer.weight.dtype, torch.float32))
             for i, layer in enumerate(self.layers)
@@ -204,6 +206,14 @@ class KFACPreconditioner:
             ddp.register_comm_hook(self, owner_reduce_hook)
         else:
             ddp.register_comm_hook(self.comm, counting_all_reduce_hook)
+
+    def set_loss_scale(self, scale_fn: Callable[[], float] | None) -> None:
+        """Tell the engine that backward runs on a loss scaled by ``scale_fn()`` (e.g.
+        ``GradScaler.get_scale``): captured output gradients are unscaled before G is built, and
+        non-finite factors or results then count as overflow steps (skipped by the scaler too), not faults.
+        """
+        self._loss_scale_fn = scale_fn
+        self._loss_scale = None
 
     def on_gradient_bucket(self, is_last: bool) -> None:
         """Called by the owner-reduce hook for each gradient bucket. A bucket arriving after a complete
@@ -317,7 +327,12 @@ class KFACPreconditioner:
     def _on_output_grad(self, index: int, shape: torch.Size, grad_output: Tensor) -> None:
         state = self._states[index]
         with self._timed("factor"), torch.no_grad(), _autocast_off(grad_output.device):
-            G = self.layers[index].g_factor(grad_output.reshape(shape), state.dtype)
+            grad_output = grad_output.reshape(shape)
+            if self._loss_scale_fn is not None:
+                if self._loss_scale is None:
+                    self._loss_scale = float(self._loss_scale_fn())
+                grad_output = grad_output.to(state.dtype) / self._loss_scale
+            G = self.layers[index].g_factor(grad_output, state.dtype)
             state.g_batch = G if state.g_batch is None else state.g_batch.add_(G)
             task = torch._C._current_graph_task_id()
             if task != state.g_task or task == -1:
@@ -341,6 +356,7 @@ class KFACPreconditioner:
             raise ValueError("kl_clip needs a learning rate: pass lr=... to KFACPreconditioner or to step(), "
                              "or set kl_clip=None.")
         self._awaiting_step = False
+        self._loss_scale = None
         for state in self._states.values():
             state.fault = False
         if k % cfg.factor_update_steps == 0:
@@ -396,7 +412,7 @@ class KFACPreconditioner:
             for (i, (a, g)), ok in zip(captured.items(), finite):
                 s = self._states[i]
                 if not ok:
-                    s.fault = True
+                    s.fault = self._loss_scale_fn is None  # under a loss scaler: an overflow step
                     continue
                 s.A = a if s.A is None else s.A.mul_(decay).add_(a, alpha=1 - decay)
                 s.G = g if s.G is None else s.G.mul_(decay).add_(g, alpha=1 - decay)
@@ -506,7 +522,7 @@ class KFACPreconditioner:
         ok = torch.isfinite(p).all()
         vg = torch.where(ok, (p * grad.to(p.dtype)).sum(), 0.0)
         good = PRECONDITIONED_AFTER_FAULT if state.fault else PRECONDITIONED
-        flag = torch.where(ok, good, PLAIN_AFTER_FAULT).to(p.dtype)
+        flag = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT).to(p.dtype)
         body = torch.where(ok, p, grad.to(p.dtype))
         return torch.cat([body.reshape(-1), vg.reshape(1), flag.reshape(1)]).to(w.dtype)
 

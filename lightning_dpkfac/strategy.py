@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dpkfac.callback import KFACCallback
+from lightning_dpkfac.comm import counting_all_reduce_hook
 from lightning_dpkfac.config import FIELDS, KFACConfig, unknown_key_message
 from lightning_dpkfac.preconditioner import KFACPreconditioner
 
@@ -102,8 +103,15 @@ class DPKFACStrategy(DDPStrategy):
         ``ddp_comm_hook`` wins (then gradient bytes are not counted)."""
         assert isinstance(self.model, DistributedDataParallel)
         self.preconditioner = KFACPreconditioner(self.lightning_module, self.kfac_config)
+        scaler = getattr(self.precision_plugin, "scaler", None)  # "16-mixed" on CUDA: a GradScaler
+        if scaler is not None:
+            self.preconditioner.set_loss_scale(scaler.get_scale)
         if self._ddp_comm_hook is not None or self._ddp_comm_wrapper is not None:
             super()._register_ddp_hooks()
+        elif scaler is not None:
+            # The scaler skips a step when *its own rank's* gradients overflow; only complete, all-reduced
+            # gradients make that decision the same on every rank.
+            self.model.register_comm_hook(self.preconditioner.comm, counting_all_reduce_hook)
         else:
             self.preconditioner.register_ddp_comm_hook(self.model)
 
