@@ -3,10 +3,12 @@
 Run as a subprocess (Lightning's launcher re-runs this command line for the other ranks):
 
     python tests/scripts/fit_digits.py --devices 2 --epochs 3 --ckpt-dir D [--resume D/epoch=0.ckpt]
-        [--out result.pt] [--kill-rank 1 --kill-at-step 12]
+        [--out result.pt] [--kill-rank 1 --kill-at-step 12] [--precision bf16-mixed] [--accumulate 2]
+        [--clip 1e-3 --momentum 0 --lr 1] [--manual] [--num-nodes 2]
 
-Rank 0 writes ``--out``: final parameters, per-step training losses, and every rank's K-FAC factors as
-they were right after the checkpoint was restored (before any training step).
+Rank 0 writes ``--out``: final parameters, per-step training losses, every rank's K-FAC factors as they
+were right after the checkpoint was restored (before any training step), the factor dtype, the number of
+K-FAC steps and the largest parameter update of a step.
 """
 
 from __future__ import annotations
@@ -28,13 +30,34 @@ from lightning_dpkfac.data import DigitsDataModule
 from lightning_dpkfac.models import ClassifierModule, mlp
 
 
+class ManualClassifier(ClassifierModule):
+    """The same classifier trained with manual optimization: ``opt.step()`` on the LightningOptimizer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
 class Recorder(pl.Callback):
-    """Keeps per-step losses, the factors at fit start, and kills a rank on request."""
+    """Keeps per-step losses and update sizes, the factors at fit start, and kills a rank on request."""
 
     def __init__(self, kill_rank: int | None, kill_at_step: int | None) -> None:
         self.losses: dict[int, float] = {}
         self.factors_at_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kill_rank, self.kill_at_step = kill_rank, kill_at_step
+        self.max_update_norm = 0.0
+        self._before: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+        self._before = [p.detach().clone() for p in pl_module.parameters()]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pre = trainer.strategy.preconditioner
@@ -45,6 +68,8 @@ class Recorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])
+        update = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(pl_module.parameters(), self._before)])
+        self.max_update_norm = max(self.max_update_norm, float(update.norm()))
         if trainer.global_rank == self.kill_rank and trainer.global_step == self.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -59,6 +84,13 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=None)
     p.add_argument("--kill-at-step", type=int, default=None)
     p.add_argument("--timeout-s", type=float, default=30.0)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--clip", type=float, default=None)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--manual", action="store_true")
+    p.add_argument("--num-nodes", type=int, default=1)
     args = p.parse_args()
 
     pl.seed_everything(0, workers=True)
@@ -67,12 +99,15 @@ def main() -> None:
         damping=1e-2, inv_update_steps=7, timeout=timedelta(seconds=args.timeout_s)
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs,
+        accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
+        max_epochs=args.epochs, precision=args.precision, accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.clip,
         callbacks=[recorder, ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1)],
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, deterministic=True,
     )
-    module = ClassifierModule(mlp(hidden=(32,)), lr=0.1)
+    module_class = ManualClassifier if args.manual else ClassifierModule
+    module = module_class(mlp(hidden=(32,)), lr=args.lr, momentum=args.momentum)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32, flatten=True), ckpt_path=args.resume)
 
     gathered: list[Any] = [None] * trainer.world_size
@@ -85,6 +120,9 @@ def main() -> None:
                 "factors_at_start": gathered,
                 "owners": {l.name: o for l, o in zip(strategy.preconditioner.layers, strategy.preconditioner.owners)},
                 "steps": trainer.global_step,
+                "kfac_steps": strategy.preconditioner.steps,
+                "factor_dtype": str(next(iter(strategy.preconditioner._states.values())).A.dtype),
+                "max_update_norm": recorder.max_update_norm,
             },
             args.out,
         )
