@@ -407,7 +407,7 @@ class KFACPreconditioner:
             # One host sync for all layers: a non-finite batch (inf/NaN input, overflow) must not
             # poison the running average, which would outlive the bad batch.
             finite = torch.stack(
-                [(torch.isfinite(a).all() & torch.isfinite(g).all()).cpu() for a, g in captured.values()]
+                [(_all_finite(a) & _all_finite(g)).cpu() for a, g in captured.values()]
             ).tolist()
             for (i, (a, g)), ok in zip(captured.items(), finite):
                 s = self._states[i]
@@ -451,7 +451,7 @@ class KFACPreconditioner:
                 result = self._decomposition(state.A.to(dtype), state.G.to(dtype), damping, jitter)
             except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
                 continue
-            if all(bool(torch.isfinite(t).all()) for t in result):
+            if all(bool(_all_finite(t)) for t in result):
                 if self.config.method == "eigen":
                     state.qa, state.qg, state.dgda = (t.to(state.dtype) for t in result)
                 else:
@@ -519,12 +519,15 @@ class KFACPreconditioner:
             flag = PLAIN_AFTER_FAULT if state.fault else PLAIN
             return torch.cat([grad.reshape(-1), grad.new_tensor([0.0, flag])])
         p = self._precondition(state, grad, damping)
-        ok = torch.isfinite(p).all()
-        vg = torch.where(ok, (p * grad.to(p.dtype)).sum(), 0.0)
+        vg = (p * grad.to(p.dtype)).sum()
+        ok = torch.isfinite(vg)  # sum(P * grad) is finite iff P is (for a finite grad): one cheap check
         good = PRECONDITIONED_AFTER_FAULT if state.fault else PRECONDITIONED
-        flag = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT).to(p.dtype)
-        body = torch.where(ok, p, grad.to(p.dtype))
-        return torch.cat([body.reshape(-1), vg.reshape(1), flag.reshape(1)]).to(w.dtype)
+        flag = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT)
+        payload = torch.empty(layer.num_params + 2, dtype=w.dtype, device=w.device)
+        payload[:-2].view_as(p).copy_(torch.where(ok, p, grad.to(p.dtype)))
+        payload[-2] = torch.where(ok, vg, 0.0)
+        payload[-1] = flag
+        return payload
 
     def _count_faults(self, flags: Tensor) -> None:
         """Update the fault counters from the shared flags; raise once a layer failed too often in a row
@@ -562,6 +565,12 @@ class KFACPreconditioner:
             yield
         finally:
             self.timings[phase] += time.perf_counter() - start
+
+
+def _all_finite(t: Tensor) -> Tensor:
+    """0-d bool: no inf/NaN in ``t`` (they propagate into the sum). One fast pass with no bool tensor;
+    a sum beyond the dtype's range also reads as non-finite, which errs on the safe side."""
+    return torch.isfinite(t.sum())
 
 
 def _is_preconditioned(flag: Tensor) -> Tensor:
