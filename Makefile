@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup example test clean
+.PHONY: setup example test bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ example: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m lightning_dpkfac.bench
 
 clean:
 	rm -rf $(VENV) lightning_logs outputs multirun .pytest_cache

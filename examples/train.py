@@ -1,38 +1,53 @@
-"""Train a small CNN (or MLP) on scikit-learn's 8x8 digits with DP-KFAC, D-KFAC or plain DDP.
+"""Train a classifier with DP-KFAC, D-KFAC or plain DDP, configured by Hydra (``conf/``).
 
-    python examples/train.py                          # CNN, dpkfac, 2 CPU ranks, 10 epochs
-    python examples/train.py --strategy ddp --model mlp --epochs 2 --out run.json
+    python examples/train.py                              # digits CNN, dpkfac, 2 CPU ranks, 10 epochs
+    python examples/train.py strategy=ddp model=mlp trainer.max_epochs=2
+    python examples/train.py experiment=mnist1d_cnn
+    python examples/train.py -m strategy.damping=1e-3,3e-3,1e-2 strategy.inv_update_steps=10,50
 
-Lightning's default launcher re-runs this command line for ranks 1..N-1, so everything below must give
-the same result on every rank; only global rank 0 prints and writes ``--out``.
+Each job writes ``metrics.csv`` (CSV logger) and ``summary.json`` into its Hydra output dir;
+``examples/compare_runs.py`` collects a multirun into one table and one plot.
+
+Lightning's default launcher re-runs this command line for ranks 1..N-1 (with the same output dir), so
+every rank composes the same config; only global rank 0 prints and writes the summary. In a multirun,
+each job is run as a fresh single run of this script (see ``lightning_dpkfac.hydra_jobs``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-import lightning_dpkfac  # noqa: F401  (registers strategy="dpkfac" and "dkfac")
+import lightning_dpkfac  # noqa: F401  (registers the strategies and the Hydra schemas: before any Trainer)
 from lightning_dpkfac import DPKFACStrategy
-from lightning_dpkfac.data import DigitsDataModule
-from lightning_dpkfac.models import ClassifierModule, cnn, mlp
+from lightning_dpkfac.hydra_jobs import in_multirun, run_job_in_fresh_process
+from lightning_dpkfac.models import ClassifierModule
+
+SUMMARY = "summary.json"
 
 
 class StepTimer(pl.Callback):
     """Records, per training batch on this rank, the time from ``on_train_batch_start`` to
-    ``on_train_batch_end`` (forward, backward, K-FAC, optimizer step) and the ``kfac/*`` metrics logged."""
+    ``on_train_batch_end`` (forward, backward, K-FAC, optimizer step) and the ``kfac/*`` metrics logged,
+    and logs ``time/elapsed_s``: seconds since training started, for plots against wall time."""
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
         self.kfac: dict[str, list[float]] = {}
+        self._train_start = 0.0
         self._start = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = time.perf_counter()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -42,96 +57,100 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.step_times.append(time.perf_counter() - self._start)
+        now = time.perf_counter()
+        self.step_times.append(now - self._start)
+        pl_module.log("time/elapsed_s", now - self._train_start, on_step=True, on_epoch=False)
         for key, value in trainer.callback_metrics.items():
             if key.startswith("kfac/"):
                 self.kfac.setdefault(key, []).append(float(value))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=["dpkfac", "dkfac", "ddp"], default="dpkfac")
-    p.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
-    p.add_argument("--devices", type=int, default=2)
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=64, help="per rank")
-    p.add_argument("--seed", type=int, default=0)
-    # 1e-2 trained the digits CNN best in 10 epochs over seeds 0-4 (3e-3: 96.4-98.6 %, 1e-2: 97.2-98.6 %).
-    p.add_argument("--damping", type=float, default=1e-2)
-    p.add_argument("--inv-update-steps", type=int, default=10)
-    p.add_argument("--kl-clip", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    p.add_argument("--log-dir", default="lightning_logs")
-    p.add_argument("--log-every-n-steps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=None, help="rank 0 writes a JSON summary here")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return p.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Fit, test, and return (on every rank) the summary that rank 0 prints and writes to ``--out``."""
-    start = time.perf_counter()
-    pl.seed_everything(args.seed, workers=True)
-
-    data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed, flatten=args.model == "mlp")
-    net = cnn() if args.model == "cnn" else mlp()
-    module = ClassifierModule(net, lr=args.lr, optimizer=args.optimizer)
-
-    strategy: Any = "ddp"
-    if args.strategy in ("dpkfac", "dkfac"):
-        strategy = DPKFACStrategy(
-            damping=args.damping,
-            kl_clip=args.kl_clip,
-            inv_update_steps=args.inv_update_steps,
-            mode=args.strategy,
-        )
-
+def build(cfg: DictConfig) -> tuple[pl.Trainer, ClassifierModule, pl.LightningDataModule, StepTimer]:
+    """The Trainer, module and data module that ``cfg`` describes (nothing runs yet). The strategy is built
+    first, so that a bad K-FAC value fails here, naming the parameter."""
+    strategy = instantiate(cfg.strategy)
+    data = instantiate(cfg.data)
+    module = ClassifierModule(instantiate(cfg.model), optimizer=instantiate(cfg.optimizer))
     timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator=args.accelerator,
-        devices=args.devices,
-        strategy=strategy,
-        max_epochs=args.epochs,
-        logger=CSVLogger(args.log_dir, name=f"{args.model}_{args.strategy}"),
-        callbacks=[timer],
-        log_every_n_steps=args.log_every_n_steps,
-        num_sanity_val_steps=0,
-        enable_progress_bar=not args.no_progress,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, strategy=strategy, logger=logger, callbacks=[timer])
+    return trainer, module, data, timer
+
+
+def strategy_name(strategy: Any) -> str:
+    """"dpkfac" or "dkfac" (the K-FAC mode), else the strategy's class name without "Strategy" ("ddp")."""
+    if isinstance(strategy, DPKFACStrategy):
+        return strategy.kfac_config.mode
+    return type(strategy).__name__.removesuffix("Strategy").lower()
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test, and return (on every rank) the summary that rank 0 prints and writes to
+    ``<paths.output_dir>/summary.json``."""
+    start = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True)
+    trainer, module, data, timer = build(cfg)
     trainer.fit(module, datamodule=data)
+    val = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
     (test,) = trainer.test(module, datamodule=data, verbose=False)
     wall = time.perf_counter() - start
 
+    metrics_csv = Path(trainer.logger.log_dir) / "metrics.csv" if trainer.logger and trainer.logger.log_dir else None
     summary: dict[str, Any] = {
-        "strategy": args.strategy,
-        "model": args.model,
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "lr": args.lr,
-        "optimizer": args.optimizer,
+        "strategy": strategy_name(trainer.strategy),
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "data": type(data).__name__,
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "seed": cfg.seed,
         "world_size": trainer.world_size,
+        "epochs": trainer.current_epoch,
+        "train_steps": trainer.global_step,
         "test_acc": float(test["test/acc"]),
         "test_loss": float(test["test/loss"]),
-        "wall_time_s": wall,  # seeding, fit and test; not Python start-up and imports
-        "train_steps": trainer.global_step,
+        "val_acc": val.get("val/acc"),
+        "val_loss": val.get("val/loss"),
+        "wall_time_s": wall,  # seeding, building, fit and test; not Python start-up and imports
         "median_step_time_s": statistics.median(timer.step_times) if timer.step_times else None,
         "kfac_mean_per_step": {k: statistics.fmean(v) for k, v in sorted(timer.kfac.items())},
-        "metrics_csv": str((Path(trainer.logger.log_dir) / "metrics.csv").resolve()) if trainer.logger else None,
+        "metrics_csv": str(metrics_csv.resolve()) if metrics_csv else None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    if args.strategy != "ddp":
-        summary.update(damping=args.damping, kl_clip=args.kl_clip, inv_update_steps=args.inv_update_steps)
     if trainer.is_global_zero:
-        print(f"[{args.strategy}/{args.model}] test accuracy {summary['test_acc']:.4f}, "
-              f"test loss {summary['test_loss']:.4f}, {trainer.global_step} steps, {wall:.1f} s for fit + test")
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary)
+        out = Path(cfg.paths.output_dir) / SUMMARY
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def print_summary(summary: dict[str, Any]) -> None:
+    """The end-of-run report: accuracies, budget, timings and the mean K-FAC metrics per step."""
+    lines = [
+        f"[{summary['strategy']}/{summary['model']} on {summary['data']}, {summary['world_size']} ranks]",
+        f"  test accuracy {summary['test_acc']:.4f}   test loss {summary['test_loss']:.4f}   "
+        f"val accuracy {summary['val_acc'] or float('nan'):.4f}",
+        f"  {summary['train_steps']} steps in {summary['epochs']} epochs, {summary['wall_time_s']:.1f} s "
+        f"for fit + test, median step {1e3 * (summary['median_step_time_s'] or 0):.1f} ms",
+    ]
+    if summary["kfac_mean_per_step"]:
+        lines.append("  K-FAC per step: " + ", ".join(
+            f"{key.removeprefix('kfac/')} {value:.3g}" for key, value in summary["kfac_mean_per_step"].items()
+        ))
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """The Hydra app. Returns ``summary[cfg.optimized_metric]``, the value a sweeper optimises."""
+    if in_multirun():
+        summary = json.loads(run_job_in_fresh_process(SUMMARY).read_text())
+    else:
+        summary = train(cfg)
+    return summary.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    main()
+    # Leave without interpreter finalization, which sometimes aborts gloo processes after all work is
+    # done (exit 134, Lightning's own DDP too): see lightning_dpkfac.exit_process.
+    lightning_dpkfac.exit_process(0)

@@ -1,9 +1,11 @@
 """lightning-dpkfac: K-FAC with distributed preconditioning (DP-KFAC) as a PyTorch Lightning strategy.
 
 Importing the package registers the strategies "dpkfac" and "dkfac" with
-``lightning.pytorch.strategies.StrategyRegistry`` (not ``pytorch_lightning``'s, a separate registry).
+``lightning.pytorch.strategies.StrategyRegistry`` (not ``pytorch_lightning``'s, a separate registry), and
+the typed Hydra schemas ``strategy/dpkfac_schema`` and ``strategy/ddp_schema`` with Hydra's ConfigStore.
 """
 
+from lightning_dpkfac import hydra_config  # noqa: F401  (registers the Hydra schemas)
 from lightning_dpkfac.config import KFACConfig
 from lightning_dpkfac.layers import UnsupportedLayerError
 from lightning_dpkfac.preconditioner import KFACPreconditioner
