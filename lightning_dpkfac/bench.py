@@ -1,0 +1,570 @@
+"""Benchmark: DDP-SGD, D-KFAC (``dkfac``) and DP-KFAC (``dpkfac``) side by side, in one invocation.
+
+    python -m lightning_dpkfac.bench                 # full run, into bench_results/
+    python -m lightning_dpkfac.bench --quick         # CI smoke run, < 2 minutes on 2 CPU cores
+
+Every trial runs on ``--world-size`` fresh ranks (forked gloo processes on CPU, one thread each; spawned
+NCCL processes, one GPU each, on CUDA), with the engine driven directly through ``torch.distributed``
+and DDP-wrapped models. Each rank holds one model per strategy (same seed, same data, same
+hyper-parameters) and steps them in turn, ABCABC..., rotating who goes first: machine drift (the CPU
+is shared) hits every strategy alike. Peak memory needs a process per strategy: short single-strategy
+trials measure it.
+
+Step time (``--models``): ``--warmup`` steps, then ``--steps`` timed steps (forward, backward, K-FAC
+step, SGD step) per repetition; ``--reps`` repetitions in fresh processes. Synthetic tensors for the MLP
+and the Transformer, digits for the CNN (timing does not depend on the values).
+Convergence (``--tasks``): DDP-SGD, DDP-Adam, dkfac and dpkfac (SGD with momentum plus K-FAC) trained
+side by side on digits (CNN, target 97%) and MNIST-1D (1-D CNN, target 90%), test accuracy after every
+epoch, for each of ``--seeds``; training time is the sum of the strategy's own step times (evaluation
+and data loading excluded).
+
+Outputs in ``--out``: ``results.json``, ``results.md`` (tables and the performance goals), and the plots
+``step_time.png`` (breakdown bars), ``bytes.png`` (bytes per step by kind), ``accuracy.png`` (test
+accuracy vs training wall time).
+
+``results.json`` schema (``"schema": "lightning_dpkfac.bench/1"``; times in seconds, sizes in bytes):
+
+- ``machine``: ``platform``, ``cpu_count``, ``torch``, ``backend`` ("gloo"/"nccl"), ``device``,
+  ``world_size``, ``loadavg_start`` and ``loadavg_end`` (the 1, 5 and 15-minute load averages: other
+  work on the machine inflates every time alike).
+- ``config``: the command-line arguments.
+- ``step_time[model]``: ``shapes`` (``layers``, ``covered_params`` N, ``other_params`` N_o), and
+  ``strategies[s]`` for s in ddp, dkfac, dpkfac:
+  ``step_s`` {``median``, ``mean``, ``p10``, ``p90``} of the per-step wall time (averaged over ranks,
+  which wait for each other in the collectives; all repetitions pooled); ``ratio_to_ddp``: median over
+  DDP-SGD's median;
+  ``phases_s``: mean seconds per step, averaged over ranks, that add up to the mean step time:
+  ``forward_backward`` (including DDP's gradient communication, excluding factor capture),
+  ``factor`` (capture hooks and running averages), ``inverse``, ``precondition``, ``comm`` (waiting for
+  K-FAC collectives), ``optimizer``, ``other`` (the rest of ``KFACPreconditioner.step``);
+  ``bytes_per_step`` {kind: bytes} measured by the engine's counters (rank 0; every rank counts the
+  same) and ``bytes_per_step_predicted`` by :mod:`lightning_dpkfac.plan` for the same steps;
+  ``state_bytes``: per rank {``factors``, ``decompositions``, ``capture``} (``capture``: the batch-factor
+  accumulators held between backward and ``step()``; K-FAC captures no activations beyond them);
+  ``peak_rss_bytes`` and ``rss_growth_bytes`` per rank (peak resident memory of the single-strategy
+  trial, and its growth during that trial); ``load_imbalance`` (max/mean owner cost, null for ddp); ``owners``.
+- ``convergence[task]``: ``target`` accuracy; ``runs[s]``: per seed {``seed``, ``curve`` [[epoch,
+  train_s, test_acc], ...], ``time_to_target_s``, ``epochs_to_target`` (null if never reached),
+  ``final_acc``}; ``summary[s]``: {``time_to_target_s``, ``epochs_to_target``, ``final_acc``} each
+  {``median``, ``min``, ``max``} over the seeds (a seed that never reached the target counts as
+  infinite: null), and ``reached`` ("k/n").
+- ``goals``: [{``goal``, ``value``, ``limit``, ``met``}] (see :mod:`lightning_dpkfac.bench_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import socket
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_dpkfac import models
+from lightning_dpkfac.bench_report import evaluate_goals, write_markdown, write_plots
+from lightning_dpkfac.comm import KINDS, Communicator, counting_all_reduce_hook
+from lightning_dpkfac.data import DigitsDataModule, MNIST1DDataModule
+from lightning_dpkfac.plan import predict_bytes, shapes_of
+from lightning_dpkfac.preconditioner import KFACPreconditioner
+
+SCHEMA = "lightning_dpkfac.bench/1"
+STEP_STRATEGIES = ("ddp", "dkfac", "dpkfac")
+TRAIN_STRATEGIES = ("sgd", "adam", "dkfac", "dpkfac")
+PHASES = ("forward_backward", "factor", "inverse", "precondition", "comm", "optimizer", "other")
+
+
+# ---------------------------------------------------------------------------------- models and data
+def _transformer() -> nn.Module:
+    """4 pre-norm encoder blocks, d_model 128, 4 heads, feed-forward 512, over 16 tokens of 32 features."""
+    return models.transformer_classifier(seq_len=16, token_dim=32, d_model=128, nhead=4, num_layers=4,
+                                         dim_feedforward=512)
+
+
+#: name -> (network factory, input shape of one example or "digits"): the step-time models.
+STEP_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...] | str]] = {
+    "mlp": (lambda: models.mlp(784, (512, 512), 10), (784,)),
+    "cnn": (models.cnn, "digits"),
+    "transformer": (_transformer, (16 * 32,)),
+}
+
+
+def _step_batches(model: str, batch_size: int, rank: int, seed: int, count: int = 4) -> list[tuple[Tensor, Tensor]]:
+    """``count`` batches of ``batch_size`` examples for ``rank`` (different on every rank)."""
+    _, source = STEP_MODELS[model]
+    if source == "digits":
+        data = DigitsDataModule(batch_size=batch_size, seed=seed)
+        data.setup()
+        assert data.train_set is not None
+        x, y = data.train_set.tensors
+        start = rank * batch_size * count
+        idx = torch.arange(start, start + batch_size * count) % len(y)
+        return [(x[i], y[i]) for i in idx.split(batch_size)]
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    assert isinstance(source, tuple)
+    return [(torch.randn(batch_size, *source, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+            for _ in range(count)]
+
+
+#: task -> (data module factory (batch_size) -> module, network factory)
+TASKS: dict[str, tuple[Callable[[int], Any], Callable[[], nn.Module]]] = {
+    "digits": (lambda batch_size: DigitsDataModule(batch_size=batch_size), models.cnn),
+    "mnist1d": (lambda batch_size: MNIST1DDataModule(batch_size=batch_size), models.cnn1d),
+}
+
+
+# ---------------------------------------------------------------------------------- trials
+@dataclass(frozen=True)
+class KFACSettings:
+    """The K-FAC hyper-parameters shared by dkfac and dpkfac in every trial."""
+
+    damping: float = 1e-2
+    factor_decay: float = 0.95
+    kl_clip: float = 1e-3
+    factor_update_steps: int = 1
+    inv_update_steps: int = 10
+    method: str = "eigen"
+
+
+@dataclass(frozen=True)
+class StepTrial:
+    """Step-time measurement of ``strategies`` (in ``STEP_STRATEGIES``) on model ``model``, their steps
+    interleaved in one process per rank (a single strategy: a memory measurement)."""
+
+    model: str
+    strategies: tuple[str, ...]
+    batch_size: int
+    warmup: int
+    steps: int
+    seed: int
+    lr: float
+    kfac: KFACSettings
+
+
+@dataclass(frozen=True)
+class TrainTrial:
+    """Training of ``strategies`` (in ``TRAIN_STRATEGIES``) on task ``task`` side by side, step by step,
+    from the same initial weights and data order."""
+
+    task: str
+    strategies: tuple[str, ...]
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    adam_lr: float
+    kfac_lr: float
+    kfac: KFACSettings
+
+
+def _device(rank: int) -> torch.device:
+    return torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Contender:
+    """One strategy on this rank: its own model (seeded), DDP wrapper with counted gradient traffic,
+    engine (dkfac, dpkfac) and optimizer: Adam with ``lr`` for "adam", SGD with momentum 0.9 and ``lr``
+    otherwise (K-FAC's KL-clip reads the same ``lr``)."""
+
+    def __init__(self, strategy: str, make_net: Callable[[], nn.Module], kfac: KFACSettings, lr: float,
+                 seed: int, device: torch.device) -> None:
+        self.strategy, self.device = strategy, device
+        torch.manual_seed(seed)
+        self.model = make_net().to(device)
+        self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.pre: KFACPreconditioner | None = None
+        if strategy in ("dkfac", "dpkfac"):
+            self.pre = KFACPreconditioner(self.model, mode=strategy, lr=lr, **asdict(kfac))
+            self.pre.register_ddp_comm_hook(self.ddp)
+            self.comm = self.pre.comm
+        else:
+            self.comm = Communicator()
+            self.ddp.register_comm_hook(self.comm, counting_all_reduce_hook)
+        params = self.model.parameters()
+        self.opt = (torch.optim.Adam(params, lr=lr) if strategy == "adam"
+                    else torch.optim.SGD(params, lr=lr, momentum=0.9))
+        self.capture = 0  # largest batch-factor accumulators seen between backward and step(), bytes
+
+    def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """One optimizer step on ``(x, y)``; its wall time and phases (seconds, see ``PHASES``)."""
+        timings = self.pre.timings if self.pre is not None else {}
+        t = dict(timings)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.ddp(x), y).backward()
+        _sync(self.device)
+        t1 = time.perf_counter()
+        hooks = dict(timings)
+        if self.pre is not None:
+            before = self.pre.state_bytes()["factors"]
+            held = self.pre.steps > 0  # running factors exist: the difference is the accumulators alone
+            self.pre.step()
+            if held:
+                self.capture = max(self.capture, before - self.pre.state_bytes()["factors"])
+        _sync(self.device)
+        t2 = time.perf_counter()
+        self.opt.step()
+        _sync(self.device)
+        t3 = time.perf_counter()
+        d = {k: timings.get(k, 0.0) - t.get(k, 0.0) for k in ("factor", "inverse", "precondition", "comm")}
+        hook_factor = hooks.get("factor", 0.0) - t.get("factor", 0.0)
+        return {
+            "step": t3 - t0,
+            "forward_backward": (t1 - t0) - hook_factor,
+            **d,
+            "optimizer": t3 - t2,
+            "other": (t2 - t1) - (d["factor"] - hook_factor) - d["inverse"] - d["precondition"] - d["comm"],
+        }
+
+
+def _rotated(items: list[Contender], k: int) -> list[Contender]:
+    """``items`` starting at position ``k``: no strategy always runs first (or right after another)."""
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
+    """Time ``trial.steps`` steps after ``trial.warmup``, strategies interleaved step by step; return this
+    rank's raw measurements per strategy."""
+    rss_start = _rss_bytes()
+    device = _device(rank)
+    make_net, _ = STEP_MODELS[trial.model]
+    contenders = [Contender(s, make_net, trial.kfac, trial.lr, trial.seed, device) for s in trial.strategies]
+    batches = [(x.to(device), y.to(device)) for x, y in _step_batches(trial.model, trial.batch_size, rank, trial.seed)]
+    per_step: dict[str, list[dict[str, float]]] = {s: [] for s in trial.strategies}
+    bytes_start: dict[str, dict[str, float]] = {}
+    for step in range(trial.warmup + trial.steps):
+        x, y = batches[step % len(batches)]
+        for c in _rotated(contenders, step):
+            if step == trial.warmup:
+                bytes_start[c.strategy] = dict(c.comm.bytes_sent)
+            per_step[c.strategy].append(c.step(x, y))
+    return {
+        "rss_start": rss_start,
+        "rss_peak": _peak_rss_bytes(),
+        "strategies": {
+            c.strategy: {
+                "per_step": per_step[c.strategy][trial.warmup:],
+                "bytes": {k: (c.comm.bytes_sent.get(k, 0.0) - bytes_start[c.strategy].get(k, 0.0)) / trial.steps
+                          for k in KINDS},
+                "state": {**(c.pre.state_bytes() if c.pre else {"factors": 0, "decompositions": 0}),
+                          "capture": c.capture},
+                "load_imbalance": c.pre.load_imbalance() if c.pre else None,
+                "owners": c.pre.owners if c.pre else None,
+            }
+            for c in contenders
+        },
+    }
+
+
+def train_worker(rank: int, world_size: int, trial: TrainTrial) -> dict[str, Any]:
+    """Train every strategy ``trial.epochs`` epochs, step by step in turn; per strategy, the curve
+    [[epoch, cumulative training seconds, test accuracy], ...]."""
+    device = _device(rank)
+    make_data, make_net = TASKS[trial.task]
+    data = make_data(trial.batch_size)
+    data.setup()
+    sampler = DistributedSampler(data.train_set, world_size, rank, shuffle=True, seed=trial.seed)
+    loader = DataLoader(data.train_set, batch_size=trial.batch_size, sampler=sampler)
+    x_test, y_test = (t.to(device) for t in data.test_set.tensors)
+    lrs = {"sgd": trial.lr, "adam": trial.adam_lr, "dkfac": trial.kfac_lr, "dpkfac": trial.kfac_lr}
+    contenders = [Contender(s, make_net, trial.kfac, lrs[s], trial.seed, device) for s in trial.strategies]
+    train_s = dict.fromkeys(trial.strategies, 0.0)
+    curves: dict[str, list[list[float]]] = {s: [] for s in trial.strategies}
+    for epoch in range(1, trial.epochs + 1):
+        sampler.set_epoch(epoch)
+        for c in contenders:
+            c.model.train()
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device), y.to(device)
+            for c in _rotated(contenders, i):
+                train_s[c.strategy] += c.step(x, y)["step"]
+        for c in contenders:
+            curves[c.strategy].append([epoch, train_s[c.strategy], _accuracy(c.model, x_test, y_test)])
+    return {"curves": curves}
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Test accuracy of ``model`` (the same on every rank: parameters are identical)."""
+    model.eval()
+    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(512), y.split(512)))
+    return correct / len(y)
+
+
+# ---------------------------------------------------------------------------------- ranks
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], trial: Any, queue: Any) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)  # one core per rank; also avoids OpenMP stalls in forked ranks
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        result = fn(rank, world_size, trial)
+        dist.barrier()
+        queue.put((rank, "ok", result))
+    except BaseException:  # every failure goes back to the parent, whatever it is
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, trial: Any, timeout: float = 600.0) -> list[Any]:
+    """``fn(rank, world_size, trial)`` on ``world_size`` fresh ranks; their results ordered by rank.
+
+    Raises with the failing rank's traceback, or names the ranks that hung past ``timeout`` seconds
+    (and kills them)."""
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")  # CUDA cannot be forked
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, trial, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world_size):
+            try:
+                rank, status, payload = queue.get(timeout=timeout)
+            except Exception:
+                hung = [r for r in range(world_size) if r not in results]
+                raise TimeoutError(f"ranks {hung} gave no result within {timeout} s ({trial})") from None
+            if status != "ok":
+                raise RuntimeError(f"rank {rank} failed in {trial}:\n{payload}")
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world_size)]
+
+
+# ---------------------------------------------------------------------------------- aggregation
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=10) if len(ordered) > 1 else [ordered[0]] * 9
+    return {"median": statistics.median(ordered), "mean": statistics.fmean(ordered), "p10": q[0], "p90": q[-1]}
+
+
+def summarize_step_trials(
+    timing: Sequence[tuple[StepTrial, list[dict[str, Any]]]],
+    memory: Sequence[tuple[StepTrial, list[dict[str, Any]]]],
+    world_size: int,
+) -> dict[str, Any]:
+    """The ``step_time`` section of the schema: repetitions pooled per (model, strategy); peak memory
+    from the single-strategy ``memory`` trials."""
+    pooled: dict[str, dict[str, dict[str, Any]]] = {}
+    for trial, ranks in timing:
+        for strategy in trial.strategies:
+            entry = pooled.setdefault(trial.model, {}).setdefault(strategy, {"steps": [], "phases": []})
+            per_rank = [r["strategies"][strategy] for r in ranks]
+            for i in range(trial.steps):
+                entry["steps"].append(statistics.fmean(r["per_step"][i]["step"] for r in per_rank))
+                entry["phases"].append({p: statistics.fmean(r["per_step"][i][p] for r in per_rank) for p in PHASES})
+            entry.update(trial=trial, last=per_rank)
+    rss = {(t.model, t.strategies[0]): ranks for t, ranks in memory}
+    out: dict[str, Any] = {}
+    for model, strategies in pooled.items():
+        shapes = shapes_of(STEP_MODELS[model][0]())
+        ddp_median = statistics.median(strategies["ddp"]["steps"]) if "ddp" in strategies else None
+        section: dict[str, Any] = {}
+        for strategy, entry in strategies.items():
+            trial, last = entry["trial"], entry["last"]
+            every = trial.kfac.factor_update_steps
+            end = predict_bytes(shapes, world_size, strategy, factor_update_steps=every, steps=trial.warmup + trial.steps)
+            begin = predict_bytes(shapes, world_size, strategy, factor_update_steps=every, steps=trial.warmup)
+            step = _spread(entry["steps"])
+            mem = rss.get((model, strategy))
+            section[strategy] = {
+                "step_s": step,
+                "ratio_to_ddp": step["median"] / ddp_median if ddp_median else None,
+                "phases_s": {p: statistics.fmean(ph[p] for ph in entry["phases"]) for p in PHASES},
+                "bytes_per_step": last[0]["bytes"],
+                "bytes_per_step_predicted": {k: (end[k] - begin[k]) / trial.steps for k in KINDS},
+                "state_bytes": [r["state"] for r in last],
+                "peak_rss_bytes": [r["rss_peak"] for r in mem] if mem else None,
+                "rss_growth_bytes": [r["rss_peak"] - r["rss_start"] for r in mem] if mem else None,
+                "load_imbalance": last[0]["load_imbalance"],
+                "owners": last[0]["owners"],
+            }
+        out[model] = {
+            "shapes": {"layers": len(shapes.layers), "covered_params": shapes.covered_params,
+                       "other_params": shapes.other_params},
+            "strategies": section,
+        }
+    return out
+
+
+def _first_reaching(curve: list[list[float]], target: float) -> list[float] | None:
+    return next((point for point in curve if point[2] >= target), None)
+
+
+def _median_spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    """Median, min and max where ``None`` (target never reached) counts as infinite (reported as null)."""
+    finite = [math.inf if v is None else v for v in values]
+
+    def clean(v: float) -> float | None:
+        return None if math.isinf(v) else v
+
+    return {"median": clean(statistics.median(finite)), "min": clean(min(finite)), "max": clean(max(finite))}
+
+
+def summarize_train_trials(trials: Sequence[tuple[TrainTrial, list[dict[str, Any]]]],
+                           targets: dict[str, float]) -> dict[str, Any]:
+    """The ``convergence`` section of the schema."""
+    out: dict[str, Any] = {}
+    for trial, ranks in trials:
+        task = out.setdefault(trial.task, {"target": targets[trial.task], "runs": {}, "summary": {}})
+        for strategy, curve in ranks[0]["curves"].items():
+            hit = _first_reaching(curve, task["target"])
+            task["runs"].setdefault(strategy, []).append({
+                "seed": trial.seed,
+                "curve": curve,
+                "time_to_target_s": hit[1] if hit else None,
+                "epochs_to_target": int(hit[0]) if hit else None,
+                "final_acc": curve[-1][2],
+            })
+    for task in out.values():
+        for strategy, runs in task["runs"].items():
+            task["summary"][strategy] = {
+                "time_to_target_s": _median_spread([r["time_to_target_s"] for r in runs]),
+                "epochs_to_target": _median_spread([r["epochs_to_target"] for r in runs]),
+                "final_acc": _median_spread([r["final_acc"] for r in runs]),
+                "reached": f"{sum(r['time_to_target_s'] is not None for r in runs)}/{len(runs)}",
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------------- the CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lightning_dpkfac.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench_results"), help="output directory")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--models", nargs="*", default=list(STEP_MODELS), choices=list(STEP_MODELS))
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40, help="timed steps per repetition")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of the ABC strategy cycle")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: digits 20, mnist1d 30)")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (DDP-SGD; step time: all)")
+    p.add_argument("--adam-lr", type=float, default=1e-2, help="DDP-Adam learning rate (convergence)")
+    p.add_argument("--kfac-lr", type=float, default=0.1, help="dkfac and dpkfac learning rate (convergence)")
+    p.add_argument("--damping", type=float, default=1e-2)
+    p.add_argument("--factor-update-steps", type=int, default=1)
+    p.add_argument("--inv-update-steps", type=int, default=10)
+    p.add_argument("--method", choices=["eigen", "inverse"], default="eigen", help="K-FAC decomposition")
+    p.add_argument("--quick", action="store_true", help="a smoke run for CI: fewer steps, epochs and seeds")
+    args = p.parse_args(argv)
+    if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
+        p.error(f"--world-size={args.world_size} needs one GPU per rank; found {torch.cuda.device_count()}.")
+    if args.quick:
+        args.warmup, args.steps, args.reps, args.seeds = 2, 10, 1, args.seeds[:1]
+        args.epochs = args.epochs or 3
+    return args
+
+
+EPOCHS = {"digits": 20, "mnist1d": 30}
+TARGETS = {"digits": 0.97, "mnist1d": 0.90}
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every trial and write the outputs; return the results."""
+    kfac = KFACSettings(damping=args.damping, factor_update_steps=args.factor_update_steps,
+                        inv_update_steps=args.inv_update_steps, method=args.method)
+    load_start = os.getloadavg()
+
+    def trials(items: list[Any], worker: Callable[..., Any], what: Callable[[Any], str]) -> list[tuple[Any, Any]]:
+        done = []
+        for i, trial in enumerate(items):
+            log(f"[{i + 1}/{len(items)}] {what(trial)}")
+            done.append((trial, run_ranks(worker, args.world_size, trial)))
+        return done
+
+    timing = trials([StepTrial(m, STEP_STRATEGIES, args.batch_size, args.warmup, args.steps, rep, args.lr, kfac)
+                     for m in args.models for rep in range(args.reps)],
+                    step_worker, lambda t: f"step time: {t.model}, repetition {t.seed}")
+    # Peak memory needs a process per strategy; one inversion and two factor updates are enough.
+    memory = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac)
+                     for m in args.models for s in STEP_STRATEGIES],
+                    step_worker, lambda t: f"peak memory: {t.model}, {t.strategies[0]}")
+    training = trials([TrainTrial(t, TRAIN_STRATEGIES, seed, args.epochs or EPOCHS[t], args.batch_size, args.lr,
+                                  args.adam_lr, args.kfac_lr, kfac) for t in args.tasks for seed in args.seeds],
+                      train_worker, lambda t: f"convergence: {t.task}, seed {t.seed}")
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "backend": "nccl" if torch.cuda.is_available() else "gloo",
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "world_size": args.world_size,
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+        },
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "step_time": summarize_step_trials(timing, memory, args.world_size),
+        "convergence": summarize_train_trials(training, TARGETS),
+    }
+    results["goals"] = evaluate_goals(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, args.out / "results.md")
+    write_plots(results, args.out)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    results = run(args)
+    print((args.out / "results.md").read_text())
+    print(f"wrote {args.out}/results.json, results.md and plots in {time.perf_counter() - start:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The benchmark's report: the performance goals, ``results.md`` tables and PNG plots, from the
+``results.json`` dictionary that :mod:`lightning_dpkfac.bench` builds (its schema is documented there)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lightning_dpkfac.comm import KINDS
+
+PHASES = ("forward_backward", "factor", "inverse", "precondition", "comm", "optimizer", "other")
+STATE_KINDS = ("factors", "decompositions", "capture")
+COLORS = {"ddp": "tab:gray", "sgd": "tab:gray", "adam": "tab:green", "dkfac": "tab:orange", "dpkfac": "tab:blue"}
+
+
+# ---------------------------------------------------------------------------------- derived figures
+def state_total(per_rank: list[dict[str, int]], kinds: tuple[str, ...] = STATE_KINDS) -> list[int]:
+    """Per rank: the bytes of ``kinds`` (default: factors + decompositions + capture)."""
+    return [sum(r[k] for k in kinds) for r in per_rank]
+
+
+def state_ratio(model: dict[str, Any], kinds: tuple[str, ...] = STATE_KINDS) -> float | None:
+    """dpkfac's largest per-rank K-FAC state x P over dkfac's largest per-rank state (``kinds`` only)."""
+    s = model["strategies"]
+    if "dpkfac" not in s or "dkfac" not in s:
+        return None
+    dp, dk = state_total(s["dpkfac"]["state_bytes"], kinds), state_total(s["dkfac"]["state_bytes"], kinds)
+    return max(dp) * len(dp) / max(dk) if max(dk) else None
+
+
+def _total(bytes_by_kind: dict[str, float]) -> float:
+    return sum(bytes_by_kind.get(k, 0.0) for k in KINDS)
+
+
+def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's performance goals that this run measured: ``{goal, value, limit, met}`` each."""
+    goals: list[dict[str, Any]] = []
+
+    def add(goal: str, value: float | None, limit: float, ok: Callable[[float], bool]) -> None:
+        goals.append({"goal": goal, "value": value, "limit": limit, "met": value is not None and ok(value)})
+
+    for name, model in results["step_time"].items():
+        s = model["strategies"]
+        if "dpkfac" in s:
+            add(f"{name}: dpkfac factor bytes per step = 0", s["dpkfac"]["bytes_per_step"].get("factors", 0.0), 0.0,
+                lambda v: v == 0.0)
+        if "dpkfac" in s and "ddp" in s:
+            add(f"{name}: dpkfac total bytes / DDP-SGD gradient bytes <= 1.05",
+                _total(s["dpkfac"]["bytes_per_step"]) / s["ddp"]["bytes_per_step"]["gradients"]
+                if s["ddp"]["bytes_per_step"]["gradients"] else None, 1.05, lambda v: v <= 1.05)
+        if "dpkfac" in s and "dkfac" in s:
+            add(f"{name}: dpkfac max per-rank K-FAC state x P / dkfac max per-rank state <= 1.10",
+                state_ratio(model), 1.10, lambda v: v <= 1.10)
+            # Both modes keep decompositions on the owner only, so x P counts them P times: the same
+            # ratio over what dkfac replicates (factors and their capture accumulators) shows the split.
+            add(f"{name}: the same, factors and capture only", state_ratio(model, ("factors", "capture")), 1.10,
+                lambda v: v <= 1.10)
+    mlp = results["step_time"].get("mlp", {}).get("strategies", {})
+    if "dpkfac" in mlp and "ddp" in mlp:
+        add("mlp: dpkfac median step time / DDP-SGD <= 2.0", mlp["dpkfac"]["ratio_to_ddp"], 2.0, lambda v: v <= 2.0)
+    if "dpkfac" in mlp and "dkfac" in mlp:
+        add("mlp: dpkfac median step time / dkfac <= 0.75",
+            mlp["dpkfac"]["step_s"]["median"] / mlp["dkfac"]["step_s"]["median"], 0.75, lambda v: v <= 0.75)
+    digits = results["convergence"].get("digits", {}).get("summary", {})
+    if {"dpkfac", "sgd", "adam"} <= set(digits):
+        dp = digits["dpkfac"]["time_to_target_s"]["median"]
+        rivals = [digits[s]["time_to_target_s"]["median"] for s in ("sgd", "adam")]
+        best = min((r for r in rivals if r is not None), default=None)
+        value = None if dp is None else (dp / best if best else 0.0)
+        add("digits: dpkfac median time to 97% / best of DDP-SGD, DDP-Adam < 1", value, 1.0, lambda v: v < 1.0)
+    return goals
+
+
+# ---------------------------------------------------------------------------------- results.md
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.2f}"
+
+
+def _kib(nbytes: float) -> str:
+    return f"{nbytes / 1024:,.1f}"
+
+
+def _spread(s: dict[str, float | None], fmt: Callable[[float], str]) -> str:
+    if s["median"] is None:
+        return "not reached"
+    low, high = s["min"], s["max"]
+    return f"{fmt(s['median'])} [{fmt(low) if low is not None else '-'}, {fmt(high) if high is not None else 'never'}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    m, c = results["machine"], results["config"]
+    out = [
+        "# lightning-dpkfac benchmark",
+        "",
+        f"{m['world_size']} ranks, backend {m['backend']}, device {m['device']}, {m['cpu_count']} CPU cores, "
+        f"torch {m['torch']}, {m['platform']}; load average {m['loadavg_start'][0]:.1f} at the start, "
+        f"{m['loadavg_end'][0]:.1f} at the end. Batch {c['batch_size']} per rank; K-FAC: damping {c['damping']}, "
+        f"factor_update_steps {c['factor_update_steps']}, inv_update_steps {c['inv_update_steps']}, {c['method']}; "
+        f"{c['warmup']} warm-up + {c['steps']} timed steps x {c['reps']} alternating repetitions.",
+    ]
+    for name, model in results["step_time"].items():
+        sh, s = model["shapes"], model["strategies"]
+        out += ["", f"## Step time: {name} ({sh['layers']} K-FAC layers, N = {sh['covered_params']:,}, "
+                    f"N_o = {sh['other_params']:,})", "",
+                "Milliseconds per step; phases are means per step (averaged over ranks) and add up to the mean.", ""]
+        out += _table(["strategy", "median", "ratio to DDP", "mean", *PHASES],
+                      [[k, _ms(v["step_s"]["median"]), f"{v['ratio_to_ddp']:.2f}x" if v["ratio_to_ddp"] else "-",
+                        _ms(v["step_s"]["mean"]), *(_ms(v["phases_s"][p]) for p in PHASES)] for k, v in s.items()])
+        ddp_grad = s["ddp"]["bytes_per_step"]["gradients"] if "ddp" in s else 0.0
+        out += ["", "KiB sent per rank per step (engine counters; predicted: lightning_dpkfac.plan):", ""]
+        out += _table(["strategy", *KINDS, "total", "predicted total", "total / DDP"],
+                      [[k, *(_kib(v["bytes_per_step"].get(kind, 0.0)) for kind in KINDS), _kib(_total(v["bytes_per_step"])),
+                        _kib(_total(v["bytes_per_step_predicted"])),
+                        f"{_total(v['bytes_per_step']) / ddp_grad:.3f}x" if ddp_grad else "-"] for k, v in s.items()])
+        out += ["", "Per-rank memory, KiB (K-FAC state: largest rank; peak RSS of the largest rank, MiB):", ""]
+        rows = []
+        for k, v in s.items():
+            totals = state_total(v["state_bytes"])
+            rows.append([k, *(_kib(max(r[kind] for r in v["state_bytes"])) for kind in STATE_KINDS),
+                         _kib(max(totals)), _kib(sum(totals)),
+                         f"{max(v['peak_rss_bytes']) / 2**20:.0f}", f"{max(v['rss_growth_bytes']) / 2**20:.1f}",
+                         f"{v['load_imbalance']:.3f}" if v["load_imbalance"] is not None else "-"])
+        out += _table(["strategy", *STATE_KINDS, "total (max rank)", "total (all ranks)", "peak RSS",
+                       "RSS growth", "owner load max/mean"], rows)
+        ratio = state_ratio(model)
+        if ratio is not None:
+            out += ["", f"dpkfac max per-rank state x P / dkfac max per-rank state = {ratio:.3f} "
+                        f"(factors and capture only: {state_ratio(model, ('factors', 'capture')):.3f})"]
+    for task, conv in results["convergence"].items():
+        out += ["", f"## Convergence: {task}, target {100 * conv['target']:.0f}% test accuracy", "",
+                "Median [min, max] over seeds; training wall time excludes evaluation.", ""]
+        out += _table(["strategy", "reached", "time to target (s)", "epochs to target", "final accuracy"],
+                      [[k, v["reached"], _spread(v["time_to_target_s"], lambda x: f"{x:.2f}"),
+                        _spread(v["epochs_to_target"], lambda x: f"{x:.0f}"),
+                        _spread(v["final_acc"], lambda x: f"{100 * x:.1f}%")] for k, v in conv["summary"].items()])
+    out += ["", "## Performance goals", ""]
+    out += _table(["goal", "measured", "met"],
+                  [[g["goal"], "-" if g["value"] is None else f"{g['value']:.3f}", "yes" if g["met"] else "no"]
+                   for g in results["goals"]])
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    path.write_text(format_markdown(results))
+
+
+# ---------------------------------------------------------------------------------- plots
+def write_plots(results: dict[str, Any], out: Path) -> None:
+    """``step_time.png``, ``bytes.png`` and (with convergence runs) ``accuracy.png`` in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = results["step_time"]
+    if step:
+        for filename, title, stack, scale in (
+            ("step_time.png", "step time breakdown (ms per step)", lambda v: [v["phases_s"][p] for p in PHASES], 1e3),
+            ("bytes.png", "KiB sent per rank per step", lambda v: [v["bytes_per_step"].get(k, 0.0) for k in KINDS],
+             1 / 1024),
+        ):
+            labels = PHASES if filename == "step_time.png" else KINDS
+            fig, axes = plt.subplots(1, len(step), figsize=(4.5 * len(step), 4), squeeze=False)
+            for ax, (name, model) in zip(axes[0], step.items()):
+                strategies = list(model["strategies"])
+                bottom = [0.0] * len(strategies)
+                for j, label in enumerate(labels):
+                    heights = [stack(model["strategies"][s])[j] * scale for s in strategies]
+                    ax.bar(strategies, heights, bottom=bottom, label=label)
+                    bottom = [b + h for b, h in zip(bottom, heights)]
+                ax.set_title(f"{name}: {title}", fontsize=9)
+            axes[0][-1].legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out / filename, dpi=100)
+            plt.close(fig)
+    conv = results["convergence"]
+    if conv:
+        fig, axes = plt.subplots(1, len(conv), figsize=(5 * len(conv), 4), squeeze=False)
+        for ax, (task, data) in zip(axes[0], conv.items()):
+            for strategy, runs in data["runs"].items():
+                for i, run in enumerate(runs):
+                    ax.plot([p[1] for p in run["curve"]], [p[2] for p in run["curve"]], color=COLORS[strategy],
+                            alpha=0.8, label=strategy if i == 0 else None)
+            ax.axhline(data["target"], color="black", linestyle=":", linewidth=1)
+            ax.set_xlabel("training wall time (s)")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{task}: test accuracy vs wall time", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=100)
+        plt.close(fig)

@@ -1,0 +1,72 @@
+"""The benchmark: one tiny run end to end (2 real gloo ranks), and the rules of its summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_dpkfac.bench import _median_spread, main, parse_args
+from lightning_dpkfac.comm import KINDS
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    main(["--out", str(out), "--models", "mlp", "--tasks", "digits", "--batch-size", "16", "--warmup", "1",
+          "--steps", "4", "--reps", "1", "--seeds", "0", "--epochs", "1", "--inv-update-steps", "2"])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_writes_results_json_markdown_and_plots(tiny_run) -> None:
+    out, results = tiny_run
+    assert results["schema"] == "lightning_dpkfac.bench/1"
+    for name in ("results.md", "step_time.png", "bytes.png", "accuracy.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "results.md").read_text()
+    assert "## Step time: mlp" in md and "## Convergence: digits" in md and "## Performance goals" in md
+
+
+def test_reports_every_strategy_with_time_phases_bytes_and_memory(tiny_run) -> None:
+    _, results = tiny_run
+    strategies = results["step_time"]["mlp"]["strategies"]
+    assert list(strategies) == ["ddp", "dkfac", "dpkfac"]
+    for name, s in strategies.items():
+        assert s["step_s"]["median"] > 0 and len(s["peak_rss_bytes"]) == 2, name
+        assert sum(s["phases_s"].values()) == pytest.approx(s["step_s"]["mean"], rel=1e-6), name
+    assert strategies["ddp"]["ratio_to_ddp"] == 1.0
+    assert strategies["dpkfac"]["load_imbalance"] >= 1.0
+
+
+def test_measured_bytes_per_step_equal_the_planners_prediction(tiny_run) -> None:
+    _, results = tiny_run
+    for name, s in results["step_time"]["mlp"]["strategies"].items():
+        assert {k: s["bytes_per_step"][k] for k in KINDS} == pytest.approx(s["bytes_per_step_predicted"]), name
+    assert results["step_time"]["mlp"]["strategies"]["dpkfac"]["bytes_per_step"]["factors"] == 0.0
+
+
+def test_convergence_curves_and_summary_for_all_four_strategies(tiny_run) -> None:
+    _, results = tiny_run
+    digits = results["convergence"]["digits"]
+    assert set(digits["runs"]) == set(digits["summary"]) == {"sgd", "adam", "dkfac", "dpkfac"}
+    epoch, train_s, acc = digits["runs"]["dpkfac"][0]["curve"][0]
+    assert epoch == 1 and train_s > 0 and 0 <= acc <= 1
+
+
+def test_goals_are_listed_with_their_measured_value(tiny_run) -> None:
+    _, results = tiny_run
+    goals = {g["goal"]: g for g in results["goals"]}
+    factor_goal = goals["mlp: dpkfac factor bytes per step = 0"]
+    assert factor_goal["value"] == 0.0 and factor_goal["met"]
+    assert "mlp: dpkfac median step time / DDP-SGD <= 2.0" in goals
+
+
+def test_a_seed_that_never_reaches_the_target_counts_as_infinitely_slow() -> None:
+    assert _median_spread([1.0, None, 3.0]) == {"median": 3.0, "min": 1.0, "max": None}
+    assert _median_spread([None, None, 2.0])["median"] is None
+
+
+def test_quick_mode_shrinks_the_run() -> None:
+    args = parse_args(["--quick"])
+    assert (args.warmup, args.steps, args.reps, args.seeds, args.epochs) == (2, 10, 1, [0], 3)

@@ -1,0 +1,193 @@
+"""The planner: the traffic and memory model of DDP-SGD, dkfac and dpkfac, and its match with the engine.
+
+Per rank per step (P ranks, f = (P-1)/P, e bytes per element, N covered and N_o other parameters):
+ddp 2f(N+N_o)e; dkfac adds 2f sum(d_a^2+d_g^2+1) e_F of factors on factor-update steps and
+f sum(d_g d_a+2) e of preconditioned gradients; dpkfac sends fNe + 2fN_o e of gradients (reduced to the
+owner) and the same preconditioned gradients, no factors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_dpkfac import KFACPreconditioner
+from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost
+from lightning_dpkfac.comm import KINDS, Communicator, counting_all_reduce_hook
+from lightning_dpkfac.plan import (
+    bytes_per_step,
+    main,
+    owner_map,
+    paper_comparison,
+    predict_bytes,
+    predict_state_bytes,
+    shapes_of,
+)
+from lightning_dpkfac.shape_tables import ModelShapes, bert_base, resnet50
+
+ONE_LAYER = ModelShapes("one layer", (("fc", LayerShape(d_a=3, d_g=2)),), other_params=4)
+
+
+# ------------------------------------------------------------------ the formulas, by hand
+def test_ddp_sends_one_gradient_all_reduce() -> None:
+    # P=4: 2 * 3/4 * (6 + 4) params * 4 bytes
+    assert predict_bytes(ONE_LAYER, 4, "ddp") == {"gradients": 60.0, "factors": 0.0, "inverses": 0.0,
+                                                  "preconditioned": 0.0}
+
+
+def test_dkfac_all_reduces_factors_and_broadcasts_preconditioned_gradients() -> None:
+    got = predict_bytes(ONE_LAYER, 4, "dkfac")
+    assert got["gradients"] == 60.0
+    assert got["factors"] == 2 * 0.75 * (9 + 4 + 1) * 4  # A 3x3, G 2x2, one count, float32
+    assert got["preconditioned"] == 0.75 * (6 + 2) * 4  # P and two scalars
+
+
+def test_dpkfac_reduces_covered_gradients_to_owners_and_sends_no_factors() -> None:
+    got = predict_bytes(ONE_LAYER, 4, "dpkfac")
+    assert got["gradients"] == 0.75 * 6 * 4 + 2 * 0.75 * 4 * 4
+    assert got["factors"] == 0.0
+    assert got["preconditioned"] == 0.75 * (6 + 2) * 4
+
+
+@pytest.mark.parametrize("world_size", [2, 8, 64, 1024])
+def test_dpkfac_moves_one_ddp_all_reduce_plus_two_scalars_per_layer(world_size: int) -> None:
+    shapes = resnet50()
+    f = (world_size - 1) / world_size
+    dp = sum(bytes_per_step(shapes, world_size, "dpkfac").values())
+    ddp = sum(bytes_per_step(shapes, world_size, "ddp").values())
+    assert dp - ddp == pytest.approx(2 * f * len(shapes.layers) * 4)
+
+
+def test_one_rank_sends_nothing() -> None:
+    for mode in ("ddp", "dkfac", "dpkfac"):
+        assert set(predict_bytes(resnet50(), 1, mode, steps=7).values()) == {0.0}
+
+
+def test_dkfac_factor_traffic_comes_only_on_factor_update_steps() -> None:
+    every_step = predict_bytes(ONE_LAYER, 2, "dkfac", factor_update_steps=1, steps=1)["factors"]
+    assert predict_bytes(ONE_LAYER, 2, "dkfac", factor_update_steps=3, steps=10)["factors"] == 4 * every_step  # 0,3,6,9
+    assert bytes_per_step(ONE_LAYER, 2, "dkfac", factor_update_steps=4)["factors"] == every_step / 4
+
+
+def test_float64_models_keep_float64_factors() -> None:
+    shapes = ModelShapes("f64", ONE_LAYER.layers, other_params=4, element_size=8)
+    assert predict_bytes(shapes, 2, "dkfac")["factors"] == 2 * 0.5 * 14 * 8
+
+
+# ------------------------------------------------------------------ memory and owners
+def test_dpkfac_splits_the_factors_that_dkfac_copies_to_every_rank() -> None:
+    shapes, p = resnet50(), 8
+    dk = predict_state_bytes(shapes, p, "dkfac")
+    dp = predict_state_bytes(shapes, p, "dpkfac")
+    assert all(r["factors"] == shapes.factor_elements * 4 for r in dk)
+    assert sum(r["factors"] for r in dp) == shapes.factor_elements * 4
+    # decompositions live with the owner in both modes; capture buffers mirror the factors held
+    assert [r["decompositions"] for r in dk] == [r["decompositions"] for r in dp]
+    assert all(r["capture"] == r["factors"] for r in dk + dp)
+
+
+def test_eigen_keeps_eigenvectors_and_eigenvalue_products_inverse_keeps_two_inverses() -> None:
+    (eigen,) = predict_state_bytes(ONE_LAYER, 1, "dpkfac", method="eigen")
+    (inverse,) = predict_state_bytes(ONE_LAYER, 1, "dpkfac", method="inverse")
+    assert eigen["decompositions"] == (9 + 4 + 6) * 4
+    assert inverse["decompositions"] == (9 + 4) * 4
+
+
+def test_owner_map_is_the_engines_cost_model() -> None:
+    shapes = resnet50()
+    costs = [layer_cost(s, 10) for s in shapes.shapes]
+    assert owner_map(shapes, 64, inv_update_steps=10) == assign_owners(costs, 64)
+
+
+# ------------------------------------------------------------------ shape tables and the paper
+def test_resnet50_table_matches_the_design_notes() -> None:
+    shapes = resnet50()
+    assert len(shapes.layers) == 54
+    assert shapes.covered_params + shapes.other_params == 25_557_032  # torchvision's ResNet-50
+    assert shapes.covered_params == pytest.approx(25.5e6, rel=0.01)
+    assert shapes.factor_elements == pytest.approx(153.9e6, rel=0.001)
+
+
+def test_bert_base_table_has_bert_base_parameter_count() -> None:
+    shapes = bert_base()
+    assert len(shapes.layers) == 73
+    assert shapes.covered_params + shapes.other_params == 109_482_240
+
+
+def test_papers_communication_ratio_on_resnet50_at_64_gpus_is_reproduced() -> None:
+    assert 2.79 <= paper_comparison(resnet50(), 64).comm_paper_model <= 3.15
+
+
+# ------------------------------------------------------------------ the CLI
+def test_cli_prints_owner_map_bytes_and_memory_for_1024_ranks(capsys) -> None:
+    report = main(["bert-base", "-P", "1024"])
+    assert "Owner map" in report and "951 of 1024 ranks own nothing" in report
+    assert "Predicted bytes sent per rank" in report and "Per-rank K-FAC memory" in report
+    assert capsys.readouterr().out.strip() == report
+
+
+def test_cli_takes_an_importable_model_factory() -> None:
+    report = main(["lightning_dpkfac.models:cnn", "-P", "2"])
+    assert report.startswith("lightning_dpkfac.models:cnn: 4 K-FAC layers")
+
+
+def test_cli_refuses_more_than_1024_ranks() -> None:
+    with pytest.raises(SystemExit):
+        main(["resnet50", "-P", "1025"])
+
+
+# ------------------------------------------------------------------ the engine's counters, exactly
+HP = dict(damping=1e-2, lr=0.1, factor_update_steps=2, inv_update_steps=4, kl_clip=1e-3)
+STEPS = 5
+
+
+def make_model() -> nn.Sequential:
+    """Three K-FAC layers (one without bias) and a LayerNorm, whose parameters are N_o."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(100, 8),
+                         nn.LayerNorm(8), nn.Linear(8, 3, bias=False))
+
+
+def _measure(rank: int, world: int, mode: str) -> dict:
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    if mode == "ddp":
+        comm = Communicator()
+        ddp.register_comm_hook(comm, counting_all_reduce_hook)
+        pre = None
+    else:
+        pre = KFACPreconditioner(model, mode=mode, **HP)
+        pre.register_ddp_comm_hook(ddp)
+    capture = None
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        x, y = torch.randn(6, 2, 5, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+        model.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        if pre is not None:
+            before = pre.state_bytes()["factors"]
+            pre.step()
+            if step == 2:  # a factor-update step with running factors already held
+                capture = before - pre.state_bytes()["factors"]
+    return {
+        "bytes": dict(comm.bytes_sent) if pre is None else pre.bytes_sent,
+        "state": None if pre is None else {**pre.state_bytes(), "capture": capture},
+        "owners": None if pre is None else pre.owners,
+    }
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("mode", ["ddp", "dkfac", "dpkfac"])
+def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mode: str) -> None:
+    shapes = shapes_of(make_model())
+    assert shapes.other_params == 16 and len(shapes.layers) == 3
+    predicted = predict_bytes(shapes, world_size, mode, factor_update_steps=HP["factor_update_steps"], steps=STEPS)
+    for rank, measured in enumerate(ranks(_measure, world_size, mode)):
+        assert {k: measured["bytes"].get(k, 0.0) for k in KINDS} == predicted, f"rank {rank}"
+        if mode != "ddp":
+            assert measured["owners"] == owner_map(shapes, world_size, HP["inv_update_steps"])
+            state = predict_state_bytes(shapes, world_size, mode, inv_update_steps=HP["inv_update_steps"])
+            assert measured["state"] == state[rank], f"rank {rank}"
