@@ -118,3 +118,20 @@ def test_one_rank_state_reshards_onto_two_ranks_by_the_new_owner_map(ranks) -> N
                 assert torch.equal(factors[1], state["layers"][name]["G"])
             else:
                 assert factors is None
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_file_untouched(tmp_path) -> None:
+    """The strategy writes through Lightning's checkpoint IO (an atomic save after the K-FAC state was
+    gathered): a save that fails while serialising never truncates the file it would replace."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    io_ = TorchCheckpointIO()
+    model = make_model()
+    pre = KFACPreconditioner(model, **HP)
+    train(model, pre, range(2))
+    io_.save_checkpoint({"kfac": pre.state_dict()}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        io_.save_checkpoint({"kfac": pre.state_dict(), "bad": lambda: None}, path)  # unpicklable
+    assert path.read_bytes() == before

@@ -135,3 +135,28 @@ def _backward_twice_without_step(rank: int, world: int) -> str:
 def test_a_backward_without_the_kfac_step_in_between_is_an_error(ranks) -> None:
     for message in ranks(_backward_twice_without_step, 2):
         assert "KFACPreconditioner.step() was not called before the next backward" in message
+
+
+def _overflow_batch_on_two_ranks(rank: int, world: int) -> dict:
+    """One Linear layer; at step 2 every rank's batch overflows its factor (the owner's is what counts)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    ddp = DistributedDataParallel(layer)
+    pre = KFACPreconditioner(layer, **HP)
+    pre.register_ddp_comm_hook(ddp)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for step in range(5):
+        opt.zero_grad()
+        x, y = batch(10 * step + rank, overflow=step == 2)
+        F.cross_entropy(ddp(x), y).backward()
+        pre.step()
+        opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in layer.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return {"faults": pre.faults_total, "same_params": torch.equal(*gathered),
+            "finite": bool(torch.isfinite(flat).all())}
+
+
+def test_overflowing_batch_on_two_ranks_counts_one_fault_everywhere_and_training_goes_on(ranks) -> None:
+    assert ranks(_overflow_batch_on_two_ranks, 2) == [{"faults": 1, "same_params": True, "finite": True}] * 2
