@@ -112,7 +112,9 @@ def clean_env() -> dict[str, str]:
     return launch_env()
 
 
-def _run_script(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_command(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` (which may launch ranks) in a new session; its exit code and output (stdout and stderr
+    together). Past ``timeout`` seconds the whole session, ranks included, is killed and the test fails."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -126,7 +128,5 @@ def _run_script(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) 
 
 @pytest.fixture
 def run_script() -> Callable[..., subprocess.CompletedProcess[str]]:
-    """``run_script(cmd, env, cwd, timeout)`` runs a command that may launch ranks (e.g. a Lightning script)
-    in a new session and returns its exit code and output (stdout and stderr together). Past ``timeout``
-    seconds the whole session, ranks included, is killed and the test fails with the output's tail."""
-    return _run_script
+    """:func:`run_command` as a fixture: ``run_script(cmd, env, cwd, timeout)``."""
+    return run_command

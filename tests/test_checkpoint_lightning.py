@@ -7,9 +7,6 @@ fall between decompositions) as subprocesses on real gloo ranks.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,23 +15,18 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import launch_env, run_command
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "fit_digits.py"
 STEPS_PER_EPOCH = {1: 40, 2: 20, 3: 14}  # 1257 train digits, batch 32 per rank
 
 
 def fit(env: dict[str, str], out_dir: Path, *args: str, timeout: float = 120) -> tuple[int, str, float]:
-    """Run the script; returns (exit code, output, seconds). Kills the whole launch on timeout."""
+    """Run the script; returns (exit code, output, seconds)."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{args} ran past {timeout} s:\n{output[-3000:]}")
-    return proc.returncode, output, time.perf_counter() - start
+    result = run_command([sys.executable, str(SCRIPT), *args], env, ROOT, timeout)
+    return result.returncode, result.stdout, time.perf_counter() - start
 
 
 def fit_ok(env: dict[str, str], out_dir: Path, name: str, *args: str) -> dict[str, Any]:
@@ -50,8 +42,6 @@ def checkpoint(out_dir: Path, name: str, epoch: int, devices: int) -> Path:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], dict[str, str]]:
     """An uninterrupted 3-epoch run on 2 ranks, checkpointing every epoch."""
-    from conftest import launch_env
-
     env, out_dir = launch_env(), tmp_path_factory.mktemp("ckpt")
     return out_dir, fit_ok(env, out_dir, "full", "--devices", "2", "--epochs", "3"), env
 

@@ -4,55 +4,43 @@ accumulation, gradient clipping, manual optimization. Each runs ``tests/scripts/
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from conftest import free_port, launch_env
+from conftest import free_port, launch_env, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "fit_digits.py"
 STEPS_PER_EPOCH = {1: 40, 2: 20}  # 1257 train digits, batch 32 per rank
 
 
-def start(out_dir: Path, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, str(SCRIPT), "--epochs", "1", "--ckpt-dir", str(out_dir / name),
-           "--out", str(out_dir / f"{name}.pt"), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env or launch_env(), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{proc.args} ran past {timeout} s:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
-    return output
+def command(out_dir: Path, name: str, *args: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--epochs", "1", "--ckpt-dir", str(out_dir / name),
+            "--out", str(out_dir / f"{name}.pt"), *args]
 
 
 def fit(out_dir: Path, name: str, *args: str) -> dict[str, Any]:
-    finish(start(out_dir, name, *args))
+    result = run_command(command(out_dir, name, *args), launch_env(), ROOT, 120)
+    assert result.returncode == 0, result.stdout[-3000:]
     return torch.load(out_dir / f"{name}.pt", weights_only=False)
 
 
 def test_two_nodes_of_one_device_train_like_one_node_of_two(tmp_path: Path) -> None:
     one_node = fit(tmp_path, "one_node", "--devices", "2")
     port = str(free_port())
-    procs = []
-    for node_rank in (0, 1):
-        env = {**launch_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node_rank)}
-        procs.append(start(tmp_path, f"node{node_rank}", "--devices", "1", "--num-nodes", "2", env=env))
-    for proc in procs:
-        finish(proc)
+    with ThreadPoolExecutor(2) as pool:  # the two "nodes" must run at the same time
+        results = list(pool.map(
+            lambda node_rank: run_command(
+                command(tmp_path, f"node{node_rank}", "--devices", "1", "--num-nodes", "2"),
+                {**launch_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node_rank)},
+                ROOT, 120),
+            (0, 1)))
+    assert all(r.returncode == 0 for r in results), [r.stdout[-2000:] for r in results]
     two_nodes = torch.load(tmp_path / "node0.pt", weights_only=False)
     assert two_nodes["owners"] == one_node["owners"]
     assert all(torch.equal(one_node["params"][k], two_nodes["params"][k]) for k in one_node["params"])
