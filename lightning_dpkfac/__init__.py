@@ -8,8 +8,15 @@ the typed Hydra schemas ``strategy/dpkfac_schema`` and ``strategy/ddp_schema`` w
 from lightning_dpkfac import hydra_config  # noqa: F401  (registers the Hydra schemas)
 from lightning_dpkfac.config import KFACConfig
 from lightning_dpkfac.layers import UnsupportedLayerError
-from lightning_dpkfac.preconditioner import KFACPreconditioner
+from lightning_dpkfac.preconditioner import KFACNumericalError, KFACPreconditioner
 from lightning_dpkfac.strategy import DPKFACStrategy, exit_process
 
-__all__ = ["DPKFACStrategy", "KFACConfig", "KFACPreconditioner", "UnsupportedLayerError", "exit_process"]
+__all__ = [
+    "DPKFACStrategy",
+    "KFACConfig",
+    "KFACNumericalError",
+    "KFACPreconditioner",
+    "UnsupportedLayerError",
+    "exit_process",
+]
 __version__ = "0.1.0"

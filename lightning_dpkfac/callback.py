@@ -1,7 +1,7 @@
 """The Lightning callback that runs the K-FAC step and logs its metrics.
 
 ``on_before_optimizer_step`` is the seat: Lightning calls it inside ``optimizer.step(closure)`` after the
-closure ran forward and backward (DDP has averaged the gradients) and after AMP unscaled them, and before
+closure ran forward and backward (DDP has synced the gradients) and after AMP unscaled them, and before
 gradient clipping and the real optimizer step. Under gradient accumulation it runs once per optimizer step.
 """
 

@@ -1,6 +1,7 @@
 """The K-FAC engine: ``KFACPreconditioner(model, ...)``, usable from plain PyTorch and from Lightning.
 
-One optimizer step, after ``loss.backward()`` and the gradient all-reduce (DDP):
+One optimizer step, after ``loss.backward()`` and the gradient sync (DDP's all-reduce, or, after
+:meth:`KFACPreconditioner.register_ddp_comm_hook` in dpkfac, a reduce of each layer's gradient to its owner):
 
 1. factors   ``dpkfac``: each layer's owner turns the A and G it captured from its *local* batch into
              the running average; no factor crosses the network.
@@ -106,7 +107,7 @@ class KFACPreconditioner:
         process_group: dist.ProcessGroup | None = None,
         **overrides: Any,
     ) -> None:
-        self.config = (config or KFACConfig()).replace(**overrides) if overrides else (config or KFACConfig())
+        self.config = (config or KFACConfig()).replace(**overrides)
         self.model = model
         self.comm = Communicator(process_group, int(self.config.bucket_cap_mb * 2**20))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size

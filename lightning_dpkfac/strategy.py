@@ -87,10 +87,9 @@ class DPKFACStrategy(DDPStrategy):
 
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        # Gloo's worker threads can still hold finished async work (tensors, Python callbacks) when the
-        # interpreter shuts down; destroying them then aborts the process ("terminate called without an
-        # active exception", exit code 134), seen here in about 1 run in 10. Lightning never destroys
-        # the process group (fit and test share it), so do it at exit, while Python is still alive.
+        # Lightning never destroys the process group (fit and test share it); do it at exit, while Python
+        # is still alive, rather than in interpreter finalization. This alone did not stop the rare abort
+        # at exit described in exit_process.
         atexit.register(_destroy_process_group)
 
     def configure_ddp(self) -> None:
