@@ -201,9 +201,11 @@ class KFACPreconditioner:
         only rank that reads them), the other parameters all-reduced as usual; :meth:`step` then
         broadcasts every layer's result, so the total traffic equals one DDP all-reduce. Until
         :meth:`step` has run, a rank's gradients of layers it does not own are not averaged: call
-        :meth:`step` on every optimizer step. ``dkfac``: DDP's all-reduce, counted as "gradients".
+        :meth:`step` on every optimizer step. ``dkfac``, or any mode under a loss scaler
+        (:meth:`set_loss_scale`): DDP's all-reduce, counted as "gradients" -- a scaler skips a step from
+        its own rank's gradients, and only complete gradients make that decision the same everywhere.
         """
-        if self.config.mode == "dpkfac":
+        if self.config.mode == "dpkfac" and self._loss_scale_fn is None:
             ddp.register_comm_hook(self, owner_reduce_hook)
         else:
             ddp.register_comm_hook(self.comm, counting_all_reduce_hook)
@@ -212,6 +214,7 @@ class KFACPreconditioner:
         """Tell the engine that backward runs on a loss scaled by ``scale_fn()`` (e.g.
         ``GradScaler.get_scale``): captured output gradients are unscaled before G is built, and
         non-finite factors or results then count as overflow steps (skipped by the scaler too), not faults.
+        Call it before :meth:`register_ddp_comm_hook`.
         """
         self._loss_scale_fn = scale_fn
         self._loss_scale = None
@@ -407,9 +410,7 @@ class KFACPreconditioner:
                 return
             # One host sync for all layers: a non-finite batch (inf/NaN input, overflow) must not
             # poison the running average, which would outlive the bad batch.
-            finite = torch.stack(
-                [(_all_finite(a) & _all_finite(g)).cpu() for a, g in captured.values()]
-            ).tolist()
+            finite = _to_host([_all_finite(a) & _all_finite(g) for a, g in captured.values()])
             for (i, (a, g)), ok in zip(captured.items(), finite):
                 s = self._states[i]
                 if not ok:
@@ -434,10 +435,10 @@ class KFACPreconditioner:
             ]
         with self._timed("comm"):
             self.comm.all_reduce_sum(tensors, "factors")
+        counts = _to_host(tensors[2::3])  # one host sync for all layers
         out: dict[int, tuple[Tensor | None, Tensor | None]] = {}
-        for j, i in enumerate(batch):
-            a, g, weight = tensors[3 * j : 3 * j + 3]
-            n = float(weight.item())
+        for j, (i, n) in enumerate(zip(batch, counts)):
+            a, g = tensors[3 * j : 3 * j + 2]
             out[i] = (a / n, g / n) if n > 0 else (None, None)
         return out
 
@@ -483,7 +484,7 @@ class KFACPreconditioner:
         assert state.g_inv is not None and state.a_inv is not None
         return state.g_inv @ grad @ state.a_inv
 
-    def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None) -> Tensor:
+    def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None) -> list[float]:
         """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer; all ranks KL-clip and write.
         Returns the flags of all layers (the same on every rank)."""
         payloads: list[Tensor] = []
@@ -503,10 +504,7 @@ class KFACPreconditioner:
                     continue
                 factor = torch.where(_is_preconditioned(payload[-1]), scale.to(payload.dtype), 1.0)
                 layer.set_grad_matrix((payload[:-2] * factor).view(layer.d_g, layer.d_a))
-        if not payloads:
-            return torch.zeros(0)
-        device = payloads[0].device
-        return torch.stack([p[-1].to(device=device, dtype=torch.float32) for p in payloads]).cpu()
+        return _to_host([p[-1] for p in payloads])
 
     def _owner_payload(self, index: int, damping: float) -> Tensor:
         """``[P or plain grad (flattened), sum(P * grad), flag]`` of an owned layer, in the grad's dtype.
@@ -514,11 +512,10 @@ class KFACPreconditioner:
         layer, state = self.layers[index], self._states[index]
         w = layer.weight
         grad = layer.grad_matrix()
-        if grad is None:
-            grad = torch.zeros(layer.d_g, layer.d_a, dtype=w.dtype, device=w.device)
-        if layer.weight.grad is None or not state.decomposed():
+        if grad is None or not state.decomposed():
+            plain = grad if grad is not None else torch.zeros(layer.d_g, layer.d_a, dtype=w.dtype, device=w.device)
             flag = PLAIN_AFTER_FAULT if state.fault else PLAIN
-            return torch.cat([grad.reshape(-1), grad.new_tensor([0.0, flag])])
+            return torch.cat([plain.reshape(-1), plain.new_tensor([0.0, flag])])
         p = self._precondition(state, grad, damping)
         vg = (p * grad.to(p.dtype)).sum()
         ok = torch.isfinite(vg)  # sum(P * grad) is finite iff P is (for a finite grad): one cheap check
@@ -530,10 +527,10 @@ class KFACPreconditioner:
         payload[-1] = flag
         return payload
 
-    def _count_faults(self, flags: Tensor) -> None:
+    def _count_faults(self, flags: list[float]) -> None:
         """Update the fault counters from the shared flags; raise once a layer failed too often in a row
         (on every rank at the same step, since the flags are the same everywhere)."""
-        faulty = (flags >= PRECONDITIONED_AFTER_FAULT).tolist()
+        faulty = [flag >= PRECONDITIONED_AFTER_FAULT for flag in flags]
         self.last_step_faults = sum(faulty)
         self.faults_total += self.last_step_faults
         for i, bad in enumerate(faulty):
@@ -566,6 +563,14 @@ class KFACPreconditioner:
             yield
         finally:
             self.timings[phase] += time.perf_counter() - start
+
+
+def _to_host(scalars: list[Tensor]) -> list[float]:
+    """The values of 0-d/1-element tensors (possibly on several devices) with one device-to-host copy."""
+    if not scalars:
+        return []
+    device = scalars[0].device
+    return torch.stack([t.reshape(()).to(device=device, dtype=torch.float64) for t in scalars]).tolist()
 
 
 def _all_finite(t: Tensor) -> Tensor:

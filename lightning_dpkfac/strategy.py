@@ -25,7 +25,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dpkfac.callback import KFACCallback
-from lightning_dpkfac.comm import counting_all_reduce_hook
 from lightning_dpkfac.config import FIELDS, KFACConfig, unknown_key_message
 from lightning_dpkfac.preconditioner import KFACPreconditioner
 
@@ -107,10 +106,6 @@ class DPKFACStrategy(DDPStrategy):
             self.preconditioner.set_loss_scale(scaler.get_scale)
         if self._ddp_comm_hook is not None or self._ddp_comm_wrapper is not None:
             super()._register_ddp_hooks()
-        elif scaler is not None:
-            # The scaler skips a step when *its own rank's* gradients overflow; only complete, all-reduced
-            # gradients make that decision the same on every rank.
-            self.model.register_comm_hook(self.preconditioner.comm, counting_all_reduce_hook)
         else:
             self.preconditioner.register_ddp_comm_hook(self.model)
 
