@@ -15,10 +15,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LayerShape:
-    """Factor sizes of one layer: ``A`` is d_a x d_a, ``G`` is d_g x d_g, the gradient is d_g x d_a."""
+    """Factor sizes of one layer: ``A`` is d_a x d_a, ``G`` is d_g x d_g, the gradient is d_g x d_a.
+    ``rows_per_example``: for a Linear layer, the input rows per example (1 on 2-D inputs, T on (B, T, d)
+    inputs), which decide whether dpkfac gathers its rows (:mod:`lightning_dpkfac.rows`); 0 for other layers
+    and where it is not known."""
 
     d_a: int
     d_g: int
+    rows_per_example: int = 0
 
 
 def layer_cost(shape: LayerShape, inv_update_steps: int = 1) -> float:

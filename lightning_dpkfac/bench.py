@@ -105,7 +105,7 @@ STEP_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...] | str]] = 
 }
 
 
-def _step_batches(model: str, batch_size: int, rank: int, seed: int, count: int = 4) -> list[tuple[Tensor, Tensor]]:
+def _step_batches(model: str, batch_size: int, rank: int, seed: int, count: int) -> list[tuple[Tensor, Tensor]]:
     """``count`` batches of ``batch_size`` examples for ``rank`` (different on every rank)."""
     _, source = STEP_MODELS[model]
     if source == "digits":
@@ -261,7 +261,10 @@ def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
     device = _device(rank)
     make_net, _ = STEP_MODELS[trial.model]
     contenders = [Contender(s, make_net, trial.kfac, trial.lr, trial.seed, device) for s in trial.strategies]
-    batches = [(x.to(device), y.to(device)) for x, y in _step_batches(trial.model, trial.batch_size, rank, trial.seed)]
+    # A fresh batch every step: a few batches repeated would be memorised, and the vanishing gradients
+    # (denormal floats) would slow every matrix product of the fastest learner by 10-100x on CPU.
+    count = trial.warmup + trial.steps
+    batches = [(x.to(device), y.to(device)) for x, y in _step_batches(trial.model, trial.batch_size, rank, trial.seed, count)]
     per_step: dict[str, list[dict[str, float]]] = {s: [] for s in trial.strategies}
     bytes_start: dict[str, dict[str, float]] = {}
     for step in range(trial.warmup + trial.steps):
@@ -406,14 +409,17 @@ def summarize_step_trials(
     rss = {(t.model, t.strategies[0]): ranks for t, ranks in memory}
     out: dict[str, Any] = {}
     for model, strategies in pooled.items():
-        shapes = shapes_of(STEP_MODELS[model][0]())
+        make_net, _ = STEP_MODELS[model]
+        example = _step_batches(model, 2, 0, 0, count=1)[0][0]
+        shapes = shapes_of(make_net(), example_input=example)
         ddp_median = statistics.median(strategies["ddp"]["steps"]) if "ddp" in strategies else None
         section: dict[str, Any] = {}
         for strategy, entry in strategies.items():
             trial, last = entry["trial"], entry["last"]
             every = trial.kfac.factor_update_steps
-            end = predict_bytes(shapes, world_size, strategy, factor_update_steps=every, steps=trial.warmup + trial.steps)
-            begin = predict_bytes(shapes, world_size, strategy, factor_update_steps=every, steps=trial.warmup)
+            kw = dict(factor_update_steps=every, batch_size=trial.batch_size)
+            end = predict_bytes(shapes, world_size, strategy, steps=trial.warmup + trial.steps, **kw)
+            begin = predict_bytes(shapes, world_size, strategy, steps=trial.warmup, **kw)
             step = _spread(entry["steps"])
             mem = rss.get((model, strategy))
             section[strategy] = {

@@ -6,7 +6,9 @@ algorithm (the convention of the DP-KFAC paper and of ``lightning_dpkfac.plan``)
 
 - all-reduce: ``2 (P - 1) / P * m`` (ring: reduce-scatter then all-gather);
 - broadcast:  ``(P - 1) / P * m`` (the ``(P - 1) m`` bytes that must reach the receivers, over P ranks);
-- reduce:     ``(P - 1) / P * m`` (the mirror image of a broadcast).
+- reduce:     ``(P - 1) / P * m`` (the mirror image of a broadcast);
+- gather:     ``(P - 1) / P * m`` for ``m`` bytes from each rank (the ``(P - 1) m`` bytes that reach the
+  destination, over P ranks).
 
 With one rank every collective is skipped and counts 0.
 """
@@ -36,11 +38,13 @@ class Communicator:
         self.bytes_sent: dict[str, float] = defaultdict(float)
 
     def count(self, kind: str, collective: str, nbytes: int) -> None:
-        """Add the per-rank traffic of one ``collective`` ("all_reduce", "reduce" or "broadcast") of ``nbytes``."""
+        """Add the per-rank traffic of one ``collective`` ("all_reduce", "reduce", "broadcast" or "gather":
+        ``nbytes`` from each rank) of ``nbytes``."""
         if kind not in KINDS:
             raise KeyError(f"unknown traffic kind {kind!r}; expected one of {KINDS}")
         p = self.world_size
-        factor = {"all_reduce": 2 * (p - 1) / p, "broadcast": (p - 1) / p, "reduce": (p - 1) / p}[collective]
+        factor = {"all_reduce": 2 * (p - 1) / p, "broadcast": (p - 1) / p, "reduce": (p - 1) / p,
+                  "gather": (p - 1) / p}[collective]
         self.bytes_sent[kind] += factor * nbytes
 
     def global_rank(self, group_rank: int) -> int:
@@ -51,13 +55,20 @@ class Communicator:
 
     def all_reduce_sum(self, tensors: Sequence[Tensor], kind: str) -> None:
         """Sum each tensor over all ranks, in place."""
+        self._all_reduce(tensors, kind, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, tensors: Sequence[Tensor], kind: str) -> None:
+        """Elementwise maximum of each tensor over all ranks, in place."""
+        self._all_reduce(tensors, kind, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, tensors: Sequence[Tensor], kind: str, op: dist.ReduceOp) -> None:
         if self.world_size == 1 or not tensors:
             return
         pending = []
         for bucket in self._buckets(tensors):
             flat = _pack(bucket)
             self.count(kind, "all_reduce", flat.numel() * flat.element_size())
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            work = dist.all_reduce(flat, op=op, group=self.group, async_op=True)
             pending.append((work, flat, bucket))
         for work, flat, bucket in pending:
             work.wait()
@@ -84,6 +95,39 @@ class Communicator:
             work.wait()
             if owner != self.rank:
                 _unpack(flat, bucket)
+
+    def gather_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], kind: str) -> dict[int, list[Tensor]]:
+        """Collect ``tensors[i]`` (the same shapes on every rank) of all ranks on rank ``owners[i]``.
+
+        Returns, on each rank, ``{i: [tensors[i] of rank 0, of rank 1, ...]}`` for the ``i`` it owns.
+        Tensors of one owner are packed together; all buckets are in flight at once.
+        """
+        if self.world_size == 1:
+            return {i: [t] for i, (t, owner) in enumerate(zip(tensors, owners)) if owner == self.rank}
+        by_owner: dict[int, list[int]] = defaultdict(list)
+        for i, owner in enumerate(owners):
+            by_owner[owner].append(i)
+        pending = []
+        for owner in sorted(by_owner):
+            for bucket in self._buckets([tensors[i] for i in by_owner[owner]]):
+                flat = _pack(bucket)
+                self.count(kind, "gather", flat.numel() * flat.element_size())
+                mine = owner == self.rank
+                received = [torch.empty_like(flat) for _ in range(self.world_size)] if mine else None
+                work = dist.gather(flat, received, dst=self.global_rank(owner), group=self.group, async_op=True)
+                pending.append((work, received, len(bucket)))
+        out: dict[int, list[Tensor]] = {}
+        positions = iter(i for owner in sorted(by_owner) for i in by_owner[owner])
+        for work, received, size in pending:
+            work.wait()
+            indices = [next(positions) for _ in range(size)]
+            if received is None:
+                continue
+            shapes = [tensors[i].shape for i in indices]
+            per_rank = [_split(flat, shapes) for flat in received]
+            for j, i in enumerate(indices):
+                out[i] = [parts[j] for parts in per_rank]
+        return out
 
     def _buckets(self, tensors: Sequence[Tensor]) -> Iterator[list[Tensor]]:
         """Consecutive runs of same-dtype, same-device tensors of at most ``bucket_cap_bytes`` each
@@ -118,20 +162,21 @@ def counting_all_reduce_hook(comm, bucket):  # type: ignore[no-untyped-def]
 
 def owner_reduce_hook(pre, bucket):  # type: ignore[no-untyped-def]
     """DDP comm hook for dpkfac: average each K-FAC layer's gradients onto its owner only (a reduce, ~half
-    the traffic of an all-reduce), and all-reduce the other gradients. ``pre`` is the
+    the traffic of an all-reduce), and all-reduce the other gradients; the gradients of layers whose
+    owner gathers their rows instead (:mod:`lightning_dpkfac.rows`) stay where they are. ``pre`` is the
     ``KFACPreconditioner``, whose :meth:`step` later broadcasts every layer's result. (No annotations:
     see :func:`counting_all_reduce_hook`.)"""
     comm: Communicator = pre.comm
     buffer = bucket.buffer()
     pre.on_gradient_bucket(is_last=bucket.is_last())
     if comm.world_size == 1:
-        done: torch.futures.Future = torch.futures.Future()
-        done.set_result(buffer)
-        return done
-    buffer.div_(comm.world_size)
+        return _completed(buffer)
     by_owner: dict[int | None, list[Tensor]] = defaultdict(list)
     for param, grad in zip(bucket.parameters(), bucket.gradients()):
-        by_owner[pre.gradient_owner(param)].append(grad)
+        pre.check_row_gradient(param, grad)  # before the division below: grads are views of the buffer
+        if not pre.sends_rows(param):
+            by_owner[pre.gradient_owner(param)].append(grad)
+    buffer.div_(comm.world_size)
     futures = []
     for owner, grads in by_owner.items():
         flat = _pack(grads)
@@ -146,7 +191,25 @@ def owner_reduce_hook(pre, bucket):  # type: ignore[no-untyped-def]
             futures.append(work.get_future().then(partial(_unpack_result, flat=flat, tensors=grads)))
         else:
             futures.append(work.get_future())
+    if not futures:  # every gradient of the bucket belongs to a layer whose rows are gathered
+        return _completed(buffer)
     return torch.futures.collect_all(futures).then(lambda _: buffer)
+
+
+def _completed(value: Tensor) -> torch.futures.Future:
+    done: torch.futures.Future = torch.futures.Future()
+    done.set_result(value)
+    return done
+
+
+def _split(flat: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+    """Views of ``flat`` with the given shapes, in order."""
+    out, offset = [], 0
+    for shape in shapes:
+        n = shape.numel()
+        out.append(flat[offset : offset + n].view(shape))
+        offset += n
+    return out
 
 
 def _unpack_result(_: torch.futures.Future, flat: Tensor, tensors: list[Tensor]) -> None:

@@ -44,6 +44,11 @@ class KFACConfig:
         skip_layers: module names (as in ``model.named_modules()``) or class names whose layers keep
             their plain gradient. (default: [])
         bucket_cap_mb: size cap of one communication bucket in MiB; > 0. (default: 25.0)
+        gather_rows: dpkfac with the engine's DDP hook only: for a Linear layer whose input and output rows
+            of all ranks are fewer numbers than its gradient (small batches, wide layers), the owner
+            gathers the rows and computes the averaged gradient ``g^T a`` and its preconditioning in
+            factored form (fewer bytes and flops; decided per layer at the first step, see
+            ``lightning_dpkfac.rows``). (default: True)
         max_consecutive_faults: a layer whose factors, decomposition or preconditioned gradient is
             non-finite on this many optimizer steps in a row stops training with an error; on fewer, it
             just keeps its plain gradient (or last good decomposition) for that step; >= 1. (default: 5)
@@ -62,6 +67,7 @@ class KFACConfig:
     mode: str = "dpkfac"
     skip_layers: list[str] = field(default_factory=list)
     bucket_cap_mb: float = 25.0
+    gather_rows: bool = True
     max_consecutive_faults: int = 5
 
     def __post_init__(self) -> None:
@@ -81,6 +87,8 @@ class KFACConfig:
             raise ValueError(f"mode={self.mode!r} is invalid: it must be one of {MODES}.")
         if not isinstance(self.bucket_cap_mb, (int, float)) or not self.bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb!r} is invalid: it must be > 0.")
+        if not isinstance(self.gather_rows, bool):
+            raise ValueError(f"gather_rows={self.gather_rows!r} is invalid: it must be True or False.")
         if isinstance(self.skip_layers, str) or not all(isinstance(s, str) for s in self.skip_layers):
             raise ValueError(f"skip_layers={self.skip_layers!r} is invalid: it must be a list of strings.")
         self.skip_layers = list(self.skip_layers)

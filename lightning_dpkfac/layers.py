@@ -74,13 +74,13 @@ class KFACLayer(ABC):
         rows = self.input_rows(x).to(dtype)
         if self.has_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows.T @ rows / rows.shape[0]
+        return rows.T @ (rows / rows.shape[0])  # scale the (rows x d_a) operand, not the d_a x d_a result
 
     def g_factor(self, gy: Tensor, dtype: torch.dtype) -> Tensor:
         """``G`` (d_g x d_g, ``dtype``) from one batch of output gradients ``gy`` of a batch-mean loss."""
         batch = gy.shape[0]
-        rows = self.output_grad_rows(gy).to(dtype) * batch
-        return rows.T @ rows / batch
+        rows = self.output_grad_rows(gy).to(dtype)
+        return rows.T @ (rows * batch)  # (B g)^T (B g) / B
 
     def grad_matrix(self) -> Tensor | None:
         """The gradient as a (d_g x d_a) matrix ``[dW | db]``, or ``None`` when the weight has no grad."""
@@ -95,17 +95,20 @@ class KFACLayer(ABC):
             matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
         return matrix
 
-    def set_grad_matrix(self, matrix: Tensor) -> None:
-        """Write a (d_g x d_a) matrix back into ``weight.grad`` (and ``bias.grad``)."""
+    def set_grad_matrix(self, matrix: Tensor, scale: Tensor | float = 1.0) -> None:
+        """Write ``scale *`` a (d_g x d_a) matrix back into ``weight.grad`` (and ``bias.grad``)."""
         weight = self.weight
         assert weight.grad is not None
         n_w = weight[0].numel()
-        weight.grad.copy_(matrix[:, :n_w].reshape(weight.shape))
+        if weight.grad.is_contiguous():
+            torch.mul(matrix[:, :n_w], scale, out=weight.grad.view(self.d_g, n_w))
+        else:
+            weight.grad.copy_((matrix[:, :n_w] * scale).reshape(weight.shape))
         if self.has_bias:
             bias = self.module.bias
             if bias.grad is None:
                 bias.grad = torch.zeros_like(bias)
-            bias.grad.copy_(matrix[:, n_w])
+            torch.mul(matrix[:, n_w], scale, out=bias.grad)
 
 
 class LinearLayer(KFACLayer):
@@ -171,6 +174,19 @@ class ConvLayer(KFACLayer):
 
     def output_grad_rows(self, gy: Tensor) -> Tensor:
         return gy.transpose(1, -1).reshape(-1, gy.shape[1])
+
+
+def grad_hook_target(output: Tensor) -> Tensor:
+    """The tensor whose gradient hook sees d loss / d output, even if ``output`` is modified in place.
+
+    A Linear on N-D input returns a reshaped *view* of a 2-D result; an in-place op on that view (e.g.
+    ``ReLU(inplace=True)``) rebases the view's history and silently drops hooks registered on it. Hooks
+    on the view's base survive and receive the same gradient, flattened.
+    """
+    base = output._base
+    if base is not None and base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():
+        return base
+    return output
 
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)

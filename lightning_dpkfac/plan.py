@@ -22,6 +22,12 @@ N = parameters of the K-FAC layers (sum of d_g d_a), N_o = all other parameters 
 +2: the scalars sum(P * grad) and a "preconditioned" flag per layer). So dpkfac moves
 f(2N + 2L) e + 2f N_o e: one DDP all-reduce plus 2fLe.
 
+Row gathering (dpkfac, :mod:`lightning_dpkfac.rows`), given the per-rank ``batch_size``: the first step
+all-reduces a vote of two float64 per Linear layer (2f 16 L_lin); from the second step on, each layer
+with R = batch_size x rows_per_example rows where ``rows_pay_off`` sends, instead of its reduced
+gradient (f d_g d_a e), its padded rows (gather, f R (d_a + d_g) e_F) and its row count in an
+all-reduce (2f 8). :func:`bytes_per_step` reports the steady state (steps after the first).
+
 Per-rank K-FAC state (bytes, in the factor dtype): factors A and G, d_a^2 + d_g^2 per held layer
 (dkfac: every layer on every rank; dpkfac: owned layers only); decompositions, owned layers only:
 eigen d_a^2 + d_g^2 + d_g d_a (Q_A, Q_G and the eigenvalue products), inverse d_a^2 + d_g^2; capture,
@@ -35,14 +41,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance
 from lightning_dpkfac.comm import KINDS
-from lightning_dpkfac.layers import discover_layers
+from lightning_dpkfac.layers import KFACLayer, LinearLayer, discover_layers
+from lightning_dpkfac.rows import rows_pay_off
 from lightning_dpkfac.shape_tables import BUILTIN, ModelShapes
 
 MODES = ("ddp", "dkfac", "dpkfac")
@@ -50,18 +59,40 @@ STATE_KINDS = ("factors", "decompositions", "capture")
 METHODS = ("eigen", "inverse")
 
 
-def shapes_of(model: nn.Module, skip_layers: Sequence[str] = (), name: str | None = None) -> ModelShapes:
-    """The shape table of a live ``model``, with the engine's own layer discovery."""
+def shapes_of(model: nn.Module, skip_layers: Sequence[str] = (), name: str | None = None,
+              example_input: Tensor | None = None) -> ModelShapes:
+    """The shape table of a live ``model``, with the engine's own layer discovery. Linear layers get
+    ``rows_per_example`` from a forward pass of ``example_input`` (a batch), or 1 without one."""
     layers, _ = discover_layers(model, list(skip_layers))
+    rows = _rows_per_example(model, layers, example_input)
     covered = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in covered)
     params = [layer.weight for layer in layers] or list(model.parameters())
     return ModelShapes(
         name or type(model).__name__,
-        tuple((layer.name, LayerShape(layer.d_a, layer.d_g)) for layer in layers),
+        tuple((layer.name, LayerShape(layer.d_a, layer.d_g, rows[layer.name])) for layer in layers),
         other_params=other,
         element_size=params[0].element_size() if params else 4,
     )
+
+
+def _rows_per_example(model: nn.Module, layers: Sequence[KFACLayer], example: Tensor | None) -> dict[str, int]:
+    rows = {layer.name: int(isinstance(layer, LinearLayer)) for layer in layers}
+    if example is None:
+        return rows
+    seen: dict[str, int] = {}
+
+    def record(name: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        seen.setdefault(name, inputs[0][0].numel() // inputs[0].shape[-1])
+
+    handles = [layer.module.register_forward_hook(partial(record, layer.name)) for layer in layers if rows[layer.name]]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: seen.get(name, n) if n else 0 for name, n in rows.items()}
 
 
 def owner_map(shapes: ModelShapes, world_size: int, inv_update_steps: int = 10) -> list[int]:
@@ -80,10 +111,13 @@ def owner_imbalance(shapes: ModelShapes, world_size: int, inv_update_steps: int 
 
 
 def predict_bytes(
-    shapes: ModelShapes, world_size: int, mode: str, *, factor_update_steps: int = 1, steps: int = 1
+    shapes: ModelShapes, world_size: int, mode: str, *, factor_update_steps: int = 1, steps: int = 1,
+    batch_size: int | None = None, gather_rows: bool = True,
 ) -> dict[str, float]:
     """Bytes one rank sends, by kind, over the optimizer steps ``0 .. steps - 1`` (cumulative, as the
-    engine's ``bytes_sent`` counts them from its first step)."""
+    engine's ``bytes_sent`` counts them from its first step). ``batch_size`` (examples per rank) and
+    ``gather_rows`` (the config field) model dpkfac's row gathering; without a batch size no layer
+    gathers rows."""
     _check_mode(mode)
     p = world_size
     f = (p - 1) / p
@@ -99,13 +133,26 @@ def predict_bytes(
         out["factors"] = 2 * f * sum(s.d_a**2 + s.d_g**2 + 1 for s in shapes.shapes) * e_f * factor_updates
     if mode != "ddp":
         out["preconditioned"] = f * sum(s.d_g * s.d_a + 2 for s in shapes.shapes) * e * steps
+    candidates = [s for s in shapes.shapes if s.rows_per_example > 0]
+    if mode == "dpkfac" and gather_rows and p > 1 and candidates and steps > 0:
+        out["gradients"] += 2 * f * 16 * len(candidates)  # the first step's vote
+        rows = {s: batch_size * s.rows_per_example for s in candidates} if batch_size else {}
+        chosen = [s for s, r in rows.items() if rows_pay_off(p, r, s.d_a, s.d_g)]
+        if chosen:
+            per_step = 2 * f * 8 * len(chosen) + sum(f * rows[s] * (s.d_a + s.d_g) * e_f - f * s.d_g * s.d_a * e
+                                                     for s in chosen)
+            out["gradients"] += per_step * (steps - 1)
     return out
 
 
-def bytes_per_step(shapes: ModelShapes, world_size: int, mode: str, *, factor_update_steps: int = 1) -> dict[str, float]:
-    """Mean bytes one rank sends per optimizer step, by kind (over one factor-update cycle)."""
-    total = predict_bytes(shapes, world_size, mode, factor_update_steps=factor_update_steps, steps=factor_update_steps)
-    return {kind: value / factor_update_steps for kind, value in total.items()}
+def bytes_per_step(shapes: ModelShapes, world_size: int, mode: str, *, factor_update_steps: int = 1,
+                   batch_size: int | None = None) -> dict[str, float]:
+    """Mean bytes one rank sends per optimizer step, by kind, in the steady state: over one
+    factor-update cycle after the first step."""
+    k = factor_update_steps
+    kw = dict(factor_update_steps=k, batch_size=batch_size)
+    first, total = predict_bytes(shapes, world_size, mode, steps=1, **kw), predict_bytes(shapes, world_size, mode, steps=1 + k, **kw)
+    return {kind: (total[kind] - first[kind]) / k for kind in KINDS}
 
 
 def predict_state_bytes(

@@ -42,7 +42,8 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance
 from lightning_dpkfac.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
 from lightning_dpkfac.config import KFACConfig
-from lightning_dpkfac.layers import KFACLayer, discover_layers
+from lightning_dpkfac.layers import KFACLayer, LinearLayer, discover_layers, grad_hook_target
+from lightning_dpkfac.rows import RowCapture, rows_pay_off
 
 log = logging.getLogger("lightning_dpkfac")
 
@@ -127,9 +128,16 @@ class KFACPreconditioner:
             for i, layer in enumerate(self.layers)
             if self._builds_factors(i)
         }
-        self._param_owner = {
-            id(p): owner for layer, owner in zip(self.layers, self.owners) for p in layer.module.parameters(recurse=False)
+        self._param_layer = {
+            id(p): i for i, layer in enumerate(self.layers) for p in layer.module.parameters(recurse=False)
         }
+        # Row gathering (dpkfac with the owner-reduce hook, see lightning_dpkfac.rows): candidates capture
+        # rows on every rank during the first step, which decides the layers that keep doing so.
+        self._row_captures: dict[int, RowCapture] = {}
+        self._row_checks: dict[int, bool] = {}  # id(param) -> its gradient was g^T a on this rank
+        self._rows_deciding = False
+        self.row_layers: list[int] = []  # indices of the layers whose owner gathers rows, not the gradient
+        self._row_params: set[int] = set()
         self._handles: list[RemovableHandle] = []
         for i in self._states:
             # Under torch.compile the hook runs eagerly (a graph break) rather than being traced.
@@ -207,6 +215,8 @@ class KFACPreconditioner:
         """
         if self.config.mode == "dpkfac" and self._loss_scale_fn is None:
             ddp.register_comm_hook(self, owner_reduce_hook)
+            if self.config.gather_rows and self.world_size > 1:
+                self._start_row_decision()
         else:
             ddp.register_comm_hook(self.comm, counting_all_reduce_hook)
 
@@ -234,7 +244,51 @@ class KFACPreconditioner:
 
     def gradient_owner(self, param: Tensor) -> int | None:
         """The rank that owns ``param``'s gradient (a K-FAC layer's weight or bias), or None."""
-        return self._param_owner.get(id(param))
+        index = self._param_layer.get(id(param))
+        return None if index is None else self.owners[index]
+
+    def sends_rows(self, param: Tensor) -> bool:
+        """Whether ``param``'s gradient stays local because its owner gathers the layer's rows instead."""
+        return id(param) in self._row_params
+
+    def check_row_gradient(self, param: Tensor, grad: Tensor) -> None:
+        """During the first step, record whether this rank's gradient of ``param`` equals ``g^T a``."""
+        if self._rows_deciding:
+            index = self._param_layer.get(id(param))
+            if index in self._row_captures:
+                self._row_checks[id(param)] = self._row_captures[index].gradient_matches(param, grad)
+
+    def _start_row_decision(self) -> None:
+        """Capture the rows of every Linear layer on every rank during the next step (see :meth:`_decide_rows`)."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, LinearLayer) and i not in self._row_captures:
+                self._row_captures[i] = RowCapture(layer)
+        self._rows_deciding = bool(self._row_captures)
+
+    def _decide_rows(self) -> None:
+        """Collective, once: keep gathering rows for the Linear layers where :func:`rows_pay_off` at the
+        largest row count of any rank and where every rank saw its gradient equal ``g^T a``."""
+        candidates = sorted(self._row_captures)
+        params = {i: [id(p) for p in self.layers[i].module.parameters(recurse=False)] for i in candidates}
+        failed = [float(not all(self._row_checks.get(p, False) for p in params[i])) for i in candidates]
+        counts = [float(self._row_captures[i].num_rows()) for i in candidates]
+        votes = torch.tensor(counts + failed, dtype=torch.float64, device=self.layers[0].weight.device)
+        self.comm.all_reduce_max([votes], "gradients")
+        most_rows, any_failed = votes[: len(candidates)].tolist(), votes[len(candidates) :].tolist()
+        chosen = []
+        for i, rows, bad in zip(candidates, most_rows, any_failed):
+            layer = self.layers[i]
+            if not bad and rows_pay_off(self.world_size, int(rows), layer.d_a, layer.d_g):
+                chosen.append(i)
+                self._row_captures[i].clear()
+            else:
+                self._row_captures.pop(i).remove()
+        self.row_layers = chosen
+        self._row_params = {p for i in chosen for p in params[i]}
+        self._rows_deciding = False
+        self._row_checks.clear()
+        if chosen:
+            log.info("dpkfac gathers the rows of %s instead of their gradients", [self.layers[i].name for i in chosen])
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -312,6 +366,10 @@ class KFACPreconditioner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for capture in self._row_captures.values():
+            capture.remove()
+        self._row_captures.clear()
+        self.row_layers, self._row_params, self._rows_deciding = [], set(), False
 
     # ------------------------------------------------------------------ capture (hooks)
     def _capturing(self, module: nn.Module) -> bool:
@@ -326,7 +384,7 @@ class KFACPreconditioner:
             state.a_batch = A if state.a_batch is None else state.a_batch.add_(A)
             state.a_count += 1
         if output.requires_grad:
-            _grad_target(output).register_hook(torch.compiler.disable(partial(self._on_output_grad, index, output.shape)))
+            grad_hook_target(output).register_hook(torch.compiler.disable(partial(self._on_output_grad, index, output.shape)))
 
     def _on_output_grad(self, index: int, shape: torch.Size, grad_output: Tensor) -> None:
         state = self._states[index]
@@ -373,6 +431,8 @@ class KFACPreconditioner:
                     if state.A is not None and state.G is not None and not self._decompose(state, damping):
                         state.fault = True
         flags = self._precondition_and_share(damping, kl_clip, lr)
+        if self._rows_deciding:
+            self._decide_rows()
         self._count_faults(flags)
         self.steps += 1
 
@@ -394,11 +454,11 @@ class KFACPreconditioner:
         batch: dict[int, tuple[Tensor | None, Tensor | None]] = {}
         with self._timed("factor"):
             for i, s in self._states.items():
-                a = s.a_batch / s.a_count if s.a_batch is not None and s.a_count else None
+                a = _scaled(s.a_batch, 1 / s.a_count) if s.a_batch is not None and s.a_count else None
                 # Uses of a layer within one backward pass add up (like a convolution's locations);
                 # M accumulated passes, each of a loss scaled by 1/M (as Lightning does), average:
                 # sum_passes (M g)(M g)^T / M = M * sum_passes G_pass.
-                g = s.g_batch * s.g_passes if s.g_batch is not None else None
+                g = _scaled(s.g_batch, s.g_passes) if s.g_batch is not None else None
                 batch[i] = (a, g)
                 s.a_batch = s.g_batch = None
                 s.a_count = s.g_passes = 0
@@ -416,8 +476,8 @@ class KFACPreconditioner:
                 if not ok:
                     s.fault = self._loss_scale_fn is None  # under a loss scaler: an overflow step
                     continue
-                s.A = a if s.A is None else s.A.mul_(decay).add_(a, alpha=1 - decay)
-                s.G = g if s.G is None else s.G.mul_(decay).add_(g, alpha=1 - decay)
+                s.A = a if s.A is None else s.A.lerp_(a, 1 - decay)  # decay A + (1 - decay) a, one pass
+                s.G = g if s.G is None else s.G.lerp_(g, 1 - decay)
 
     def _all_reduce_factors(
         self, batch: dict[int, tuple[Tensor | None, Tensor | None]]
@@ -474,24 +534,68 @@ class KFACPreconditioner:
             return qa, qg, torch.outer(dg.clamp_(min=0), da.clamp_(min=0))
         return torch.linalg.inv(A + (damping + jitter) * eye_a), torch.linalg.inv(G + (damping + jitter) * eye_g)
 
-    def _precondition(self, state: _LayerState, grad: Tensor, damping: float) -> Tensor:
-        """``P`` (d_g x d_a) for the gradient matrix ``grad``, in the factor dtype."""
+    def _precondition(self, state: _LayerState, grad: Tensor, damping: float,
+                      rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``P`` (d_g x d_a) for the gradient matrix ``grad``, in the factor dtype. With ``rows`` = (a, g),
+        the stacked rows of all ranks with ``grad = g^T a``, in the cheaper factored form."""
         grad = grad.to(state.dtype)
         if state.qa is not None:
             assert state.qg is not None and state.dgda is not None
-            v = state.qg.T @ grad @ state.qa
+            if rows is None:
+                v = state.qg.T @ grad @ state.qa
+            else:
+                a, g = rows
+                v = (g @ state.qg).T @ (a @ state.qa)
             return state.qg @ (v / (state.dgda + damping)) @ state.qa.T
         assert state.g_inv is not None and state.a_inv is not None
-        return state.g_inv @ grad @ state.a_inv
+        if rows is None:
+            return state.g_inv @ grad @ state.a_inv
+        a, g = rows
+        return (state.g_inv @ g.T) @ (a @ state.a_inv)
+
+    def _gather_rows(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """Collective: each row layer's rows ``(a, g)`` of all ranks, stacked, on its owner, with ``g``
+        divided by P so that ``g^T a`` is the averaged gradient (rows of a rank padded with zeros to the
+        largest count, which adds nothing to ``g^T a``)."""
+        if not self.row_layers:
+            return {}
+        local = [self._row_captures[i].rows(self._factor_dtype(i)) for i in self.row_layers]
+        for i in self.row_layers:
+            self._row_captures[i].clear()
+        device = self.layers[0].weight.device
+        counts = torch.tensor([float(a.shape[0]) for a, _ in local], dtype=torch.float64, device=device)
+        self.comm.all_reduce_max([counts], "gradients")
+        sent, owners, indices = [], [], []
+        for i, (a, g), most in zip(self.row_layers, local, counts.tolist()):
+            if most == 0:  # no rank called the layer: its gradient stays as it is
+                continue
+            padded = a.new_zeros(int(most), a.shape[1] + g.shape[1])
+            padded[: a.shape[0], : a.shape[1]] = a
+            padded[: a.shape[0], a.shape[1] :] = g
+            sent.append(padded)
+            owners.append(self.owners[i])
+            indices.append(i)
+        gathered = self.comm.gather_to_owners(sent, owners, "gradients")
+        out = {}
+        for j, parts in gathered.items():
+            i = indices[j]
+            stacked = torch.cat(parts)
+            out[i] = (stacked[:, : self.layers[i].d_a], stacked[:, self.layers[i].d_a :].div_(self.world_size))
+        return out
+
+    def _factor_dtype(self, index: int) -> torch.dtype:
+        return torch.promote_types(self.layers[index].weight.dtype, torch.float32)
 
     def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None) -> list[float]:
         """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer; all ranks KL-clip and write.
         Returns the flags of all layers (the same on every rank)."""
         payloads: list[Tensor] = []
+        with self._timed("comm"):
+            rows = self._gather_rows()
         with self._timed("precondition"):
             for i, layer in enumerate(self.layers):
                 if self.owners[i] == self.rank:
-                    payloads.append(self._owner_payload(i, damping))
+                    payloads.append(self._owner_payload(i, damping, rows.get(i)))
                 else:
                     w = layer.weight
                     payloads.append(torch.empty(layer.num_params + 2, dtype=w.dtype, device=w.device))
@@ -503,26 +607,31 @@ class KFACPreconditioner:
                 if layer.weight.grad is None:
                     continue
                 factor = torch.where(_is_preconditioned(payload[-1]), scale.to(payload.dtype), 1.0)
-                layer.set_grad_matrix((payload[:-2] * factor).view(layer.d_g, layer.d_a))
+                layer.set_grad_matrix(payload[:-2].view(layer.d_g, layer.d_a), factor)
         return _to_host([p[-1] for p in payloads])
 
-    def _owner_payload(self, index: int, damping: float) -> Tensor:
-        """``[P or plain grad (flattened), sum(P * grad), flag]`` of an owned layer, in the grad's dtype.
+    def _owner_payload(self, index: int, damping: float, rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``[P or plain grad (flattened), sum(P * grad), flag]`` of an owned layer, in the grad's dtype,
+        from the averaged gradient or from the gathered ``rows`` (a, g) of all ranks.
         A non-finite ``P`` falls back to the plain gradient without a host sync."""
         layer, state = self.layers[index], self._states[index]
         w = layer.weight
-        grad = layer.grad_matrix()
+        grad = layer.grad_matrix() if rows is None else (rows[1].T @ rows[0]).to(w.dtype)
         if grad is None or not state.decomposed():
             plain = grad if grad is not None else torch.zeros(layer.d_g, layer.d_a, dtype=w.dtype, device=w.device)
             flag = PLAIN_AFTER_FAULT if state.fault else PLAIN
             return torch.cat([plain.reshape(-1), plain.new_tensor([0.0, flag])])
-        p = self._precondition(state, grad, damping)
-        vg = (p * grad.to(p.dtype)).sum()
+        p = self._precondition(state, grad, damping, rows)
+        grad = grad.to(p.dtype)
+        vg = torch.dot(p.reshape(-1), grad.reshape(-1))
         ok = torch.isfinite(vg)  # sum(P * grad) is finite iff P is (for a finite grad): one cheap check
         good = PRECONDITIONED_AFTER_FAULT if state.fault else PRECONDITIONED
         flag = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT)
         payload = torch.empty(layer.num_params + 2, dtype=w.dtype, device=w.device)
-        payload[:-2].view_as(p).copy_(torch.where(ok, p, grad.to(p.dtype)))
+        if p.dtype == w.dtype:
+            torch.where(ok, p, grad, out=payload[:-2].view(p.shape))
+        else:
+            payload[:-2].view(p.shape).copy_(torch.where(ok, p, grad))
         payload[-2] = torch.where(ok, vg, 0.0)
         payload[-1] = flag
         return payload
@@ -573,6 +682,11 @@ def _to_host(scalars: list[Tensor]) -> list[float]:
     return torch.stack([t.reshape(()).to(device=device, dtype=torch.float64) for t in scalars]).tolist()
 
 
+def _scaled(t: Tensor, factor: float) -> Tensor:
+    """``t * factor`` in place (no pass over ``t`` when ``factor`` is 1)."""
+    return t if factor == 1 else t.mul_(factor)
+
+
 def _all_finite(t: Tensor) -> Tensor:
     """0-d bool: no inf/NaN in ``t`` (they propagate into the sum). One fast pass with no bool tensor;
     a sum beyond the dtype's range also reads as non-finite, which errs on the safe side."""
@@ -581,19 +695,6 @@ def _all_finite(t: Tensor) -> Tensor:
 
 def _is_preconditioned(flag: Tensor) -> Tensor:
     return (flag == PRECONDITIONED) | (flag == PRECONDITIONED_AFTER_FAULT)
-
-
-def _grad_target(output: Tensor) -> Tensor:
-    """The tensor whose gradient hook sees d loss / d output, even if ``output`` is modified in place.
-
-    A Linear on N-D input returns a reshaped *view* of a 2-D result; an in-place op on that view (e.g.
-    ``ReLU(inplace=True)``) rebases the view's history and silently drops hooks registered on it. Hooks
-    on the view's base survive and receive the same gradient, flattened.
-    """
-    base = output._base
-    if base is not None and base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():
-        return base
-    return output
 
 
 @contextmanager

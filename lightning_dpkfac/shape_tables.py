@@ -3,6 +3,8 @@
 A table lists the K-FAC-covered layers in registration order as ``(name, LayerShape(d_a, d_g))``
 (``d_a`` = inputs x kernel size, +1 with a bias; ``d_g`` = outputs), and ``other_params``, the number
 of parameters that keep their plain gradient (normalisation layers, embeddings). Float32 parameters.
+Row gathering (:mod:`lightning_dpkfac.rows`) is modelled for ResNet-50's classifier only; the token
+models' Linear layers see B x T rows, far more than their gradient at any practical batch.
 
 - ``resnet50``: torchvision's ResNet-50 v1.5 for ImageNet (53 bias-free convolutions + the 1000-way
   classifier = 54 K-FAC layers; batch-norm affine parameters are the rest): 25,557,032 parameters.
@@ -82,7 +84,7 @@ def _bottleneck_resnet(name: str, blocks: tuple[int, ...], num_classes: int = 10
                 layers.append((f"{prefix}.downsample.0", LayerShape(in_ch, out_ch)))
                 bn += 2 * out_ch
             in_ch = out_ch
-    layers.append(("fc", LayerShape(in_ch + 1, num_classes)))
+    layers.append(("fc", LayerShape(in_ch + 1, num_classes, rows_per_example=1)))
     return ModelShapes(name, tuple(layers), other_params=bn)
 
 

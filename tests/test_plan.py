@@ -151,8 +151,20 @@ def make_model() -> nn.Sequential:
                          nn.LayerNorm(8), nn.Linear(8, 3, bias=False))
 
 
-def _measure(rank: int, world: int, mode: str) -> dict:
-    model = make_model()
+def make_wide_model() -> nn.Sequential:
+    """A wide Linear whose rows (3 per rank) are fewer numbers than its gradient, so dpkfac gathers them,
+    and a narrow one whose rows are not."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 30), nn.LayerNorm(30), nn.Linear(30, 3))
+
+
+#: name -> (model factory, shape of one rank's batch)
+MODELS = {"conv": (make_model, (6, 2, 5, 5)), "wide": (make_wide_model, (3, 40))}
+
+
+def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
+    make, batch_shape = MODELS[model_name]
+    model = make()
     ddp = DistributedDataParallel(model)
     if mode == "ddp":
         comm = Communicator()
@@ -164,7 +176,7 @@ def _measure(rank: int, world: int, mode: str) -> dict:
     capture = None
     for step in range(STEPS):
         g = torch.Generator().manual_seed(100 * step + rank)
-        x, y = torch.randn(6, 2, 5, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+        x, y = torch.randn(*batch_shape, generator=g), torch.randint(0, 3, (batch_shape[0],), generator=g)
         model.zero_grad()
         F.cross_entropy(ddp(x), y).backward()
         if pre is not None:
@@ -176,18 +188,30 @@ def _measure(rank: int, world: int, mode: str) -> dict:
         "bytes": dict(comm.bytes_sent) if pre is None else pre.bytes_sent,
         "state": None if pre is None else {**pre.state_bytes(), "capture": capture},
         "owners": None if pre is None else pre.owners,
+        "row_layers": [] if pre is None else [pre.layers[i].name for i in pre.row_layers],
     }
 
 
+@pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("mode", ["ddp", "dkfac", "dpkfac"])
-def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mode: str) -> None:
-    shapes = shapes_of(make_model())
-    assert shapes.other_params == 16 and len(shapes.layers) == 3
-    predicted = predict_bytes(shapes, world_size, mode, factor_update_steps=HP["factor_update_steps"], steps=STEPS)
-    for rank, measured in enumerate(ranks(_measure, world_size, mode)):
+def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mode: str, model_name: str) -> None:
+    make, batch_shape = MODELS[model_name]
+    shapes = shapes_of(make())
+    predicted = predict_bytes(shapes, world_size, mode, factor_update_steps=HP["factor_update_steps"], steps=STEPS,
+                              batch_size=batch_shape[0])
+    for rank, measured in enumerate(ranks(_measure, world_size, mode, model_name)):
         assert {k: measured["bytes"].get(k, 0.0) for k in KINDS} == predicted, f"rank {rank}"
         if mode != "ddp":
             assert measured["owners"] == owner_map(shapes, world_size, HP["inv_update_steps"])
             state = predict_state_bytes(shapes, world_size, mode, inv_update_steps=HP["inv_update_steps"])
             assert measured["state"] == state[rank], f"rank {rank}"
+        gathers = mode == "dpkfac" and world_size > 1 and model_name == "wide"
+        assert measured["row_layers"] == (["0"] if gathers else [])
+
+
+def test_shapes_count_token_rows_from_an_example_batch() -> None:
+    """A Linear on (B, T, d) inputs has T rows per example; on (B, d) inputs one; convolutions none."""
+    model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.Flatten(1, 1), nn.Linear(5, 6), nn.Flatten(), nn.Linear(24, 2))
+    shapes = shapes_of(model, example_input=torch.randn(2, 3, 5)).shapes
+    assert [s.rows_per_example for s in shapes] == [0, 4, 1]

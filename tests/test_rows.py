@@ -1,0 +1,125 @@
+"""Row gathering (``lightning_dpkfac.rows``): for a wide Linear layer and a small batch the owner gathers
+every rank's rows ``a``, ``g`` instead of the reduced gradient and preconditions ``g^T a`` in factored form.
+It must change nothing but the traffic: every run below is compared with the same run with
+``gather_rows=False`` (whose gradient path ``test_distributed`` checks against the dense reference), in
+float64 on two real gloo ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_dpkfac import KFACPreconditioner
+from lightning_dpkfac.rows import rows_pay_off
+
+HP = dict(damping=1e-2, factor_decay=0.8, lr=0.1, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-3)
+STEPS = 4
+BATCH = 3
+
+
+class Wide(nn.Module):
+    """Two wide Linear layers (3 rows per rank: their rows are far smaller than their gradients) and a
+    narrow head (rows larger than its gradient), optionally calling ``fc1`` twice or using its weight a
+    second time outside its forward (tied)."""
+
+    def __init__(self, variant: str = "plain") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.variant = variant
+        self.fc1 = nn.Linear(32, 32)
+        self.fc2 = nn.Linear(32, 30, bias=False)
+        self.head = nn.Linear(30, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        if self.variant == "shared":
+            h = torch.tanh(self.fc1(h))
+        if self.variant == "tied":
+            h = h + 0.5 * F.linear(x, self.fc1.weight)  # fc1.weight gets gradient the hooks never see
+        return self.head(torch.tanh(self.fc2(h)))
+
+
+def batch(step: int, rank: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    return torch.randn(BATCH, 32, generator=g, dtype=torch.float64), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _train(rank: int, world: int, variant: str, gather_rows: bool, method: str, micro_batches: int = 1) -> dict:
+    model = Wide(variant).double()
+    ddp = DistributedDataParallel(model)
+    pre = KFACPreconditioner(model, method=method, gather_rows=gather_rows, **HP)
+    pre.register_ddp_comm_hook(ddp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(STEPS):
+        opt.zero_grad()
+        for micro in range(micro_batches):
+            x, y = batch(step, rank, micro)
+            context = ddp.no_sync() if micro < micro_batches - 1 else torch.enable_grad()
+            with context:
+                (F.cross_entropy(ddp(x), y) / micro_batches).backward()
+        pre.step()
+        opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return {
+        "params": flat,
+        "ranks_identical": all(torch.equal(gathered[0], other) for other in gathered),
+        "row_layers": [pre.layers[i].name for i in pre.row_layers],
+        "bytes": pre.bytes_sent,
+        "forward_hooks": {name: len(m._forward_hooks) for name, m in model.named_children()},
+        "owners": {layer.name: pre.owner_of(layer.name) for layer in pre.layers},
+    }
+
+
+def _compare(ranks, variant: str, method: str = "inverse", micro_batches: int = 1) -> dict:
+    rows = ranks(_train, 2, variant, True, method, micro_batches)
+    grads = ranks(_train, 2, variant, False, method, micro_batches)
+    for res in rows + grads:
+        assert res["ranks_identical"], "parameters differ between ranks"
+    err = (rows[0]["params"] - grads[0]["params"]).norm() / grads[0]["params"].norm()
+    assert err < 1e-10, f"row gathering changed the parameters: relative difference {err:.2e}"
+    assert grads[0]["row_layers"] == []
+    return rows[0]
+
+
+@pytest.mark.parametrize("method", ["inverse", "eigen"])
+def test_gathering_rows_gives_the_same_training_as_reducing_gradients(ranks, method: str) -> None:
+    res = _compare(ranks, "plain", method)
+    assert res["row_layers"] == ["fc1", "fc2"], "the narrow head's rows are bigger than its gradient"
+
+
+def test_gathering_rows_sends_fewer_gradient_bytes(ranks) -> None:
+    rows, grads = ranks(_train, 2, "plain", True, "inverse"), ranks(_train, 2, "plain", False, "inverse")
+    assert rows[0]["bytes"]["gradients"] < grads[0]["bytes"]["gradients"]
+    assert rows[0]["bytes"]["preconditioned"] == grads[0]["bytes"]["preconditioned"]
+
+
+def test_non_owners_capture_only_the_rows_of_gathered_layers(ranks) -> None:
+    for rank, res in enumerate(ranks(_train, 2, "plain", True, "inverse")):
+        for name, owner in res["owners"].items():
+            expected = int(owner == rank) + int(name in res["row_layers"])  # factor hook, row hook
+            assert res["forward_hooks"][name] == expected, (rank, name)
+
+
+def test_a_layer_called_twice_gathers_the_rows_of_both_calls(ranks) -> None:
+    assert "fc1" in _compare(ranks, "shared")["row_layers"]
+
+
+def test_accumulated_micro_batches_gather_the_rows_of_all_of_them(ranks) -> None:
+    assert _compare(ranks, "plain", micro_batches=2)["row_layers"] == ["fc1", "fc2"]
+
+
+def test_a_weight_with_gradient_from_outside_its_forward_keeps_the_gradient_path(ranks) -> None:
+    """A tied use of fc1.weight adds gradient that is not g^T a: the first step's check catches it."""
+    assert _compare(ranks, "tied")["row_layers"] == ["fc2"]
+
+
+def test_rows_pay_off_only_when_all_ranks_rows_are_smaller_than_the_gradient() -> None:
+    assert rows_pay_off(world_size=2, rows_per_rank=64, d_a=785, d_g=512)  # 2*64*1297 < 401,920
+    assert not rows_pay_off(world_size=2, rows_per_rank=64, d_a=513, d_g=10)  # 66,944 > 5,130
+    assert not rows_pay_off(world_size=2, rows_per_rank=0, d_a=785, d_g=512)  # layer never called
