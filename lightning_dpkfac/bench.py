@@ -417,7 +417,8 @@ def summarize_step_trials(
         for strategy, entry in strategies.items():
             trial, last = entry["trial"], entry["last"]
             every = trial.kfac.factor_update_steps
-            kw = dict(factor_update_steps=every, batch_size=trial.batch_size)
+            kw = dict(factor_update_steps=every, inv_update_steps=trial.kfac.inv_update_steps, method=trial.kfac.method,
+                      batch_size=trial.batch_size)
             end = predict_bytes(shapes, world_size, strategy, steps=trial.warmup + trial.steps, **kw)
             begin = predict_bytes(shapes, world_size, strategy, steps=trial.warmup, **kw)
             step = _spread(entry["steps"])

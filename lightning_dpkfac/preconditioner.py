@@ -6,15 +6,20 @@ One optimizer step, after ``loss.backward()`` and the gradient sync (DDP's all-r
 1. factors   ``dpkfac``: each layer's owner turns the A and G it captured from its *local* batch into
              the running average; no factor crosses the network.
              ``dkfac``: every rank captured every layer; the batch factors are all-reduced first.
-2. decompose every ``inv_update_steps``: the owner eigendecomposes (or inverts) its layers' factors.
-3. precondition  the owner turns the averaged gradient of its layers into ``P = G^-1 grad A^-1``.
-4. share     owners broadcast ``P`` (bucketed, per owner) with ``sum(P * grad)`` and a "preconditioned"
-             flag; every rank then applies the same KL-clip scale and writes ``P`` into ``.grad``.
+2. decompose every ``inv_update_steps``: the owner eigendecomposes (or inverts) its layers' factors;
+             ``dkfac`` broadcasts them, so that every rank holds every decomposition (D-KFAC as in
+             KAISA's COMM_OPT and MPD-KFAC, the paper's baseline).
+3. precondition  ``dpkfac``: the owner turns the averaged gradient of its layers into
+             ``P = G^-1 grad A^-1``; ``dkfac``: every rank does, for every layer.
+4. share     ``dpkfac``: owners broadcast ``P`` (bucketed, per owner) with ``sum(P * grad)`` and a
+             "preconditioned" flag; every rank then applies the same KL-clip scale and writes ``P``
+             into ``.grad``.
 
 Numerical faults never make ranks disagree: the owner decides, per layer and step, between "preconditioned",
 "preconditioned with the last good decomposition" and "plain gradient", and that decision travels in the
-broadcast flag. Non-finite batch factors are not folded into the running average; a failed decomposition
-is retried in float64 and then with 10x damping before the last good one is kept.
+broadcast flag (dkfac: the decomposition's flag travels with it, and every rank takes the same decision
+from the same values). Non-finite batch factors are not folded into the running average; a failed
+decomposition is retried in float64 and then with 10x damping before the last good one is kept.
 
 Captures happen in module hooks during forward/backward of a step whose index is a multiple of
 ``factor_update_steps``: ``A`` in a forward hook, ``G`` in a hook on the layer's output tensor (full
@@ -148,6 +153,11 @@ class KFACPreconditioner:
     # ------------------------------------------------------------------ who does what
     def _builds_factors(self, index: int) -> bool:
         return self.config.mode == "dkfac" or self.owners[index] == self.rank
+
+    @property
+    def _shares_decompositions(self) -> bool:
+        """dkfac: owners broadcast decompositions and every rank preconditions every layer."""
+        return self.config.mode == "dkfac" and self.world_size > 1
 
     def owner_of(self, name: str) -> int:
         """The rank that owns layer ``name``."""
@@ -348,7 +358,8 @@ class KFACPreconditioner:
         for i, s in self._states.items():
             entry, device = saved[self.layers[i].name], self.layers[i].weight.device
             for key in _STATE_TENSORS:
-                owned_decomposition = key not in ("A", "G") and self.owners[i] == self.rank and same_method
+                held = self.owners[i] == self.rank or self._shares_decompositions
+                owned_decomposition = key not in ("A", "G") and held and same_method
                 value = entry.get(key) if key in ("A", "G") or owned_decomposition else None
                 setattr(s, key, None if value is None else value.to(device=device, dtype=s.dtype))
             s.a_batch = s.g_batch = None
@@ -357,9 +368,11 @@ class KFACPreconditioner:
         self.faults_total = int(state["faults_total"])
         self._consecutive_faults = [int(state["consecutive_faults"].get(l.name, 0)) for l in self.layers]
         if not same_method:  # decompositions of the other method are useless: make new ones now
-            for state_ in self._owned_states():
-                if state_.A is not None and state_.G is not None:
-                    self._decompose(state_, self.config.value("damping", self.steps))
+            damping = self.config.value("damping", self.steps)
+            for i, state_ in self._states.items():  # dkfac: every rank, from the same factors
+                held = self.owners[i] == self.rank or self._shares_decompositions
+                if held and state_.A is not None and state_.G is not None:
+                    self._store_decomposition(state_, self._decompose(state_, damping))
 
     def remove_hooks(self) -> None:
         """Detach from the model; the preconditioner stops capturing."""
@@ -427,9 +440,13 @@ class KFACPreconditioner:
                 self._warn_uncaptured()
         if k % cfg.inv_update_steps == 0:
             with self._timed("inverse"):
-                for state in self._owned_states():
-                    if state.A is not None and state.G is not None and not self._decompose(state, damping):
-                        state.fault = True
+                results = {i: self._decompose(s, damping) for i, s in self._states.items()
+                           if self.owners[i] == self.rank and s.A is not None and s.G is not None}
+            if self._shares_decompositions:
+                with self._timed("comm"):
+                    results = self._broadcast_decompositions(results)
+            for i, result in results.items():
+                self._store_decomposition(self._states[i], result)
         flags = self._precondition_and_share(damping, kl_clip, lr)
         if self._rows_deciding:
             self._decide_rows()
@@ -443,11 +460,6 @@ class KFACPreconditioner:
         if idle:
             log.warning("K-FAC layers %s were not called in the first training step; they keep their plain "
                         "gradient until they are (add them to skip_layers if that is intended)", idle)
-
-    def _owned_states(self) -> Iterator[_LayerState]:
-        for i, state in self._states.items():
-            if self.owners[i] == self.rank:
-                yield state
 
     def _update_factors(self, decay: float) -> None:
         """Fold the captured batch factors into the running averages; in dkfac, all-reduce them first."""
@@ -502,10 +514,10 @@ class KFACPreconditioner:
             out[i] = (a / n, g / n) if n > 0 else (None, None)
         return out
 
-    def _decompose(self, state: _LayerState, damping: float) -> bool:
-        """Eigendecompose (or invert) the running factors into ``state``; on failure (an exception or a
-        non-finite result) retry in float64, then with 10x damping, and otherwise keep the last good
-        decomposition. Returns whether a new one was stored."""
+    def _decompose(self, state: _LayerState, damping: float) -> tuple[Tensor, ...] | None:
+        """The decomposition of the running factors (see :meth:`_decomposition`), in the factor dtype; on
+        failure (an exception or a non-finite result) retried in float64, then with 10x damping, and
+        otherwise ``None`` (the last good decomposition is kept)."""
         assert state.A is not None and state.G is not None
         attempts = [(state.dtype, 0.0), (torch.float64, 0.0), (torch.float64, 10 * damping)]
         for dtype, jitter in attempts:
@@ -514,16 +526,24 @@ class KFACPreconditioner:
             except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
                 continue
             if all(bool(_all_finite(t)) for t in result):
-                if self.config.method == "eigen":
-                    state.qa, state.qg, state.dgda = (t.to(state.dtype) for t in result)
-                else:
-                    state.a_inv, state.g_inv = (t.to(state.dtype) for t in result)
-                return True
+                # Contiguous like a broadcast copy: in dkfac every rank must multiply with the same memory
+                # layout (eigh returns column-major), or their results differ in the last bits.
+                return tuple(t.to(state.dtype).contiguous() for t in result)
         log.warning("K-FAC decomposition failed (%s); keeping the last good one", self.config.method)
-        return False
+        return None
+
+    def _store_decomposition(self, state: _LayerState, result: tuple[Tensor, ...] | None) -> None:
+        """Keep a new decomposition (eigen: with the eigenvalue products precomputed), or flag the fault."""
+        if result is None:
+            state.fault = True
+        elif self.config.method == "eigen":
+            state.qa, state.qg, dg, da = result
+            state.dgda = torch.outer(dg, da)
+        else:
+            state.a_inv, state.g_inv = result
 
     def _decomposition(self, A: Tensor, G: Tensor, damping: float, jitter: float) -> tuple[Tensor, ...]:
-        """eigen: ``(Qa, Qg, dg outer da)`` of ``A + jitter I`` and ``G + jitter I``; inverse:
+        """eigen: ``(Qa, Qg, dg, da)`` of ``A + jitter I`` and ``G + jitter I``; inverse:
         ``((A + (damping + jitter) I)^-1, (G + (damping + jitter) I)^-1)``."""
         eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
@@ -531,8 +551,43 @@ class KFACPreconditioner:
             da, qa = torch.linalg.eigh(A + jitter * eye_a)
             dg, qg = torch.linalg.eigh(G + jitter * eye_g)
             # Round-off can make eigenvalues of these PSD matrices slightly negative: clip at zero.
-            return qa, qg, torch.outer(dg.clamp_(min=0), da.clamp_(min=0))
+            return qa, qg, dg.clamp_(min=0), da.clamp_(min=0)
         return torch.linalg.inv(A + (damping + jitter) * eye_a), torch.linalg.inv(G + (damping + jitter) * eye_g)
+
+    def _decomposition_shapes(self, layer: KFACLayer) -> list[tuple[int, ...]]:
+        d_a, d_g = layer.d_a, layer.d_g
+        return [(d_a, d_a), (d_g, d_g), (d_g,), (d_a,)] if self.config.method == "eigen" else [(d_a, d_a), (d_g, d_g)]
+
+    def _broadcast_decompositions(
+        self, owned: dict[int, tuple[Tensor, ...] | None]
+    ) -> dict[int, tuple[Tensor, ...] | None]:
+        """Collective (dkfac): every layer's new decomposition from its owner, with a flag (0: none, the
+        owner had no factors yet; 1: new; 2: failed), to every rank. Returns them for all layers that
+        have one or failed."""
+        flags: list[Tensor] = []
+        tensors: list[Tensor] = []
+        owners: list[int] = []
+        for i, state in self._states.items():
+            layer, mine = self.layers[i], self.owners[i] == self.rank
+            result = owned.get(i)
+            flag = (1.0 if result is not None else 2.0) if i in owned else 0.0
+            shapes = self._decomposition_shapes(layer)
+            parts = list(result) if mine and result is not None else [
+                torch.zeros(shape, dtype=state.dtype, device=layer.weight.device) for shape in shapes]
+            flags.append(torch.full((1,), flag, dtype=state.dtype, device=layer.weight.device))
+            tensors += parts + [flags[-1]]
+            owners += [self.owners[i]] * (len(parts) + 1)
+        self.comm.broadcast_from_owners(tensors, owners, "inverses")
+        out: dict[int, tuple[Tensor, ...] | None] = {}
+        offset = 0
+        for (i, state), flag in zip(self._states.items(), _to_host(flags)):
+            count = len(self._decomposition_shapes(self.layers[i]))
+            if flag == 1.0:
+                out[i] = tuple(tensors[offset : offset + count])
+            elif flag == 2.0:
+                out[i] = None
+            offset += count + 1
+        return out
 
     def _precondition(self, state: _LayerState, grad: Tensor, damping: float,
                       rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -587,20 +642,22 @@ class KFACPreconditioner:
         return torch.promote_types(self.layers[index].weight.dtype, torch.float32)
 
     def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None) -> list[float]:
-        """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer; all ranks KL-clip and write.
+        """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer (dkfac: every rank
+        preconditions every layer); all ranks KL-clip and write.
         Returns the flags of all layers (the same on every rank)."""
         payloads: list[Tensor] = []
         with self._timed("comm"):
             rows = self._gather_rows()
         with self._timed("precondition"):
             for i, layer in enumerate(self.layers):
-                if self.owners[i] == self.rank:
-                    payloads.append(self._owner_payload(i, damping, rows.get(i)))
+                if self.owners[i] == self.rank or self._shares_decompositions:
+                    payloads.append(self._payload(i, damping, rows.get(i)))
                 else:
                     w = layer.weight
                     payloads.append(torch.empty(layer.num_params + 2, dtype=w.dtype, device=w.device))
-        with self._timed("comm"):
-            self.comm.broadcast_from_owners(payloads, self.owners, "preconditioned")
+        if not self._shares_decompositions:
+            with self._timed("comm"):
+                self.comm.broadcast_from_owners(payloads, self.owners, "preconditioned")
         with self._timed("precondition"):
             scale = self._kl_scale(payloads, kl_clip, lr)
             for layer, payload in zip(self.layers, payloads):
@@ -610,8 +667,8 @@ class KFACPreconditioner:
                 layer.set_grad_matrix(payload[:-2].view(layer.d_g, layer.d_a), factor)
         return _to_host([p[-1] for p in payloads])
 
-    def _owner_payload(self, index: int, damping: float, rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``[P or plain grad (flattened), sum(P * grad), flag]`` of an owned layer, in the grad's dtype,
+    def _payload(self, index: int, damping: float, rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``[P or plain grad (flattened), sum(P * grad), flag]`` of a layer, in the grad's dtype,
         from the averaged gradient or from the gathered ``rows`` (a, g) of all ranks.
         A non-finite ``P`` falls back to the plain gradient without a host sync."""
         layer, state = self.layers[index], self._states[index]

@@ -135,11 +135,21 @@ def test_dpkfac_moves_exactly_one_gradient_all_reduce_worth_of_bytes(ranks) -> N
     assert total == ddp_sgd + STEPS * f * 2 * n_layers * e
 
 
-def test_dkfac_equals_one_process_kfac_on_the_global_batch(ranks) -> None:
-    results = ranks(_train_and_check, 2, "dkfac", "eigen", 1e-3)
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_dkfac_equals_one_process_kfac_on_the_global_batch(ranks, method: str) -> None:
+    results = ranks(_train_and_check, 2, "dkfac", method, 1e-3)
     for res in results:
         assert all(res["has_factors"].values()), "dkfac keeps every factor on every rank"
         assert res["bytes"]["factors"] > 0
+
+
+def test_dkfac_shares_decompositions_instead_of_preconditioned_gradients(ranks) -> None:
+    """The paper's D-KFAC (KAISA COMM_OPT, MPD-KFAC): every rank holds every decomposition."""
+    results = ranks(_train_and_check, 2, "dkfac", "eigen", 1e-3)
+    assert results[0]["state_bytes"] == results[1]["state_bytes"]
+    for res in results:
+        assert res["bytes"]["inverses"] > 0
+        assert res["bytes"].get("preconditioned", 0.0) == 0.0
 
 
 def test_dpkfac_keeps_about_half_the_factor_state_of_dkfac_on_two_ranks(ranks) -> None:

@@ -38,11 +38,14 @@ def test_ddp_sends_one_gradient_all_reduce() -> None:
                                                   "preconditioned": 0.0}
 
 
-def test_dkfac_all_reduces_factors_and_broadcasts_preconditioned_gradients() -> None:
+def test_dkfac_all_reduces_factors_and_broadcasts_decompositions() -> None:
     got = predict_bytes(ONE_LAYER, 4, "dkfac")
     assert got["gradients"] == 60.0
     assert got["factors"] == 2 * 0.75 * (9 + 4 + 1) * 4  # A 3x3, G 2x2, one count, float32
-    assert got["preconditioned"] == 0.75 * (6 + 2) * 4  # P and two scalars
+    assert got["inverses"] == 0.75 * (9 + 4 + 3 + 2 + 1) * 4  # Q_A, Q_G, eigenvalues, a flag
+    assert got["preconditioned"] == 0.0  # every rank preconditions every layer itself
+    inverse = predict_bytes(ONE_LAYER, 4, "dkfac", method="inverse", inv_update_steps=2, steps=3)["inverses"]
+    assert inverse == 2 * 0.75 * (9 + 4 + 1) * 4  # two decomposition steps (0 and 2) of A^-1, G^-1, a flag
 
 
 def test_dpkfac_reduces_covered_gradients_to_owners_and_sends_no_factors() -> None:
@@ -78,15 +81,14 @@ def test_float64_models_keep_float64_factors() -> None:
 
 
 # ------------------------------------------------------------------ memory and owners
-def test_dpkfac_splits_the_factors_that_dkfac_copies_to_every_rank() -> None:
+def test_dpkfac_splits_the_factors_and_decompositions_that_dkfac_copies_to_every_rank() -> None:
     shapes, p = resnet50(), 8
     dk = predict_state_bytes(shapes, p, "dkfac")
     dp = predict_state_bytes(shapes, p, "dpkfac")
     assert all(r["factors"] == shapes.factor_elements * 4 for r in dk)
     assert sum(r["factors"] for r in dp) == shapes.factor_elements * 4
-    # decompositions live with the owner in both modes; capture buffers mirror the factors held
-    assert [r["decompositions"] for r in dk] == [r["decompositions"] for r in dp]
-    assert all(r["capture"] == r["factors"] for r in dk + dp)
+    assert all(r["decompositions"] == sum(r["decompositions"] for r in dp) for r in dk)
+    assert all(r["capture"] == r["factors"] for r in dk + dp)  # capture buffers mirror the factors held
 
 
 def test_eigen_keeps_eigenvectors_and_eigenvalue_products_inverse_keeps_two_inverses() -> None:
@@ -199,6 +201,7 @@ def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mo
     make, batch_shape = MODELS[model_name]
     shapes = shapes_of(make())
     predicted = predict_bytes(shapes, world_size, mode, factor_update_steps=HP["factor_update_steps"], steps=STEPS,
+                              inv_update_steps=HP["inv_update_steps"],
                               batch_size=batch_shape[0])
     for rank, measured in enumerate(ranks(_measure, world_size, mode, model_name)):
         assert {k: measured["bytes"].get(k, 0.0) for k in KINDS} == predicted, f"rank {rank}"
