@@ -176,7 +176,7 @@ def owner_reduce_hook(pre, bucket):  # type: ignore[no-untyped-def]
         pre.check_row_gradient(param, grad)  # before the division below: grads are views of the buffer
         if not pre.sends_rows(param):
             by_owner[pre.gradient_owner(param)].append(grad)
-    buffer.div_(comm.world_size)
+    buffer.div_(comm.world_size)  # all of it, the gradients left local too (see KFACPreconditioner._average_local_gradients)
     futures = []
     for owner, grads in by_owner.items():
         flat = _pack(grads)

@@ -552,7 +552,7 @@ class KFACPreconditioner:
             dg, qg = torch.linalg.eigh(G + jitter * eye_g)
             # Round-off can make eigenvalues of these PSD matrices slightly negative: clip at zero.
             return qa, qg, dg.clamp_(min=0), da.clamp_(min=0)
-        return torch.linalg.inv(A + (damping + jitter) * eye_a), torch.linalg.inv(G + (damping + jitter) * eye_g)
+        return _spd_inverse(A + (damping + jitter) * eye_a), _spd_inverse(G + (damping + jitter) * eye_g)
 
     def _decomposition_shapes(self, layer: KFACLayer) -> list[tuple[int, ...]]:
         d_a, d_g = layer.d_a, layer.d_g
@@ -589,31 +589,53 @@ class KFACPreconditioner:
             offset += count + 1
         return out
 
-    def _precondition(self, state: _LayerState, grad: Tensor, damping: float,
-                      rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``P`` (d_g x d_a) for the gradient matrix ``grad``, in the factor dtype. With ``rows`` = (a, g),
-        the stacked rows of all ranks with ``grad = g^T a``, in the cheaper factored form."""
+    def _precondition(self, state: _LayerState, grad: Tensor, damping: float) -> Tensor:
+        """``P`` (d_g x d_a) for the gradient matrix ``grad``, in the factor dtype."""
         grad = grad.to(state.dtype)
         if state.qa is not None:
             assert state.qg is not None and state.dgda is not None
-            if rows is None:
-                v = state.qg.T @ grad @ state.qa
-            else:
-                a, g = rows
-                v = (g @ state.qg).T @ (a @ state.qa)
+            v = state.qg.T @ grad @ state.qa
             return state.qg @ (v / (state.dgda + damping)) @ state.qa.T
         assert state.g_inv is not None and state.a_inv is not None
-        if rows is None:
-            return state.g_inv @ grad @ state.a_inv
-        a, g = rows
-        return (state.g_inv @ g.T) @ (a @ state.a_inv)
+        return state.g_inv @ grad @ state.a_inv
 
-    def _gather_rows(self) -> dict[int, tuple[Tensor, Tensor]]:
+    def _precondition_rows(self, state: _LayerState, a: Tensor, g: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+        """``(P, sum(P * grad))`` for ``grad = g^T a`` without forming ``grad`` (see :mod:`lightning_dpkfac.rows`):
+        inverse: ``P = U V`` with ``U = G^-1 g^T``, ``V = a A^-1``, and ``sum(P * grad) = sum((g U) * (a V^T))``
+        (N x N products); eigen: in the eigenbasis ``sum(P * grad) = sum(v^2 / (dg da + damping))``."""
+        if state.qa is not None:
+            assert state.qg is not None and state.dgda is not None
+            v = (g @ state.qg).T @ (a @ state.qa)
+            scaled = v / (state.dgda + damping)
+            return state.qg @ scaled @ state.qa.T, torch.dot(scaled.reshape(-1), v.reshape(-1))
+        assert state.g_inv is not None and state.a_inv is not None
+        u, v = state.g_inv @ g.T, a @ state.a_inv
+        return u @ v, torch.dot((g @ u).reshape(-1), (a @ v.T).reshape(-1))
+
+    def _rows_payload(self, index: int, damping: float, rows: tuple[Tensor, Tensor]) -> Tensor:
+        """``[P, sum(P * grad), flag]`` of an owned layer from the gathered rows; a layer left plain (no
+        decomposition yet, or a non-finite ``P``) sends no gradient: every rank then averages its own."""
+        layer, state = self.layers[index], self._states[index]
+        w = layer.weight
+        payload = torch.empty(layer.num_params + 2, dtype=w.dtype, device=w.device)
+        if not state.decomposed():
+            payload.zero_()[-1] = PLAIN_AFTER_FAULT if state.fault else PLAIN
+            return payload
+        p, vg = self._precondition_rows(state, *rows, damping)
+        ok = torch.isfinite(vg)  # finite iff P is (for finite rows)
+        good = PRECONDITIONED_AFTER_FAULT if state.fault else PRECONDITIONED
+        payload[:-2].view(p.shape).copy_(p)
+        payload[-2] = torch.where(ok, vg, 0.0)
+        payload[-1] = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT)
+        return payload
+
+    def _gather_rows(self) -> tuple[dict[int, tuple[Tensor, Tensor]], list[int]]:
         """Collective: each row layer's rows ``(a, g)`` of all ranks, stacked, on its owner, with ``g``
         divided by P so that ``g^T a`` is the averaged gradient (rows of a rank padded with zeros to the
-        largest count, which adds nothing to ``g^T a``)."""
+        largest count, which adds nothing to ``g^T a``); and the layers gathered (the same on every rank:
+        not those no rank called)."""
         if not self.row_layers:
-            return {}
+            return {}, []
         local = [self._row_captures[i].rows(self._factor_dtype(i)) for i in self.row_layers]
         for i in self.row_layers:
             self._row_captures[i].clear()
@@ -636,7 +658,7 @@ class KFACPreconditioner:
             i = indices[j]
             stacked = torch.cat(parts)
             out[i] = (stacked[:, : self.layers[i].d_a], stacked[:, self.layers[i].d_a :].div_(self.world_size))
-        return out
+        return out, indices
 
     def _factor_dtype(self, index: int) -> torch.dtype:
         return torch.promote_types(self.layers[index].weight.dtype, torch.float32)
@@ -647,7 +669,7 @@ class KFACPreconditioner:
         Returns the flags of all layers (the same on every rank)."""
         payloads: list[Tensor] = []
         with self._timed("comm"):
-            rows = self._gather_rows()
+            rows, gathered = self._gather_rows()
         with self._timed("precondition"):
             for i, layer in enumerate(self.layers):
                 if self.owners[i] == self.rank or self._shares_decompositions:
@@ -658,14 +680,33 @@ class KFACPreconditioner:
         if not self._shares_decompositions:
             with self._timed("comm"):
                 self.comm.broadcast_from_owners(payloads, self.owners, "preconditioned")
+        flags = _to_host([p[-1] for p in payloads])
+        # A gathered layer left plain carries no gradient in its payload: every rank averages its own.
+        plain = [i for i in gathered if flags[i] not in (PRECONDITIONED, PRECONDITIONED_AFTER_FAULT)]
+        averaged = self._average_local_gradients(plain)
         with self._timed("precondition"):
             scale = self._kl_scale(payloads, kl_clip, lr)
-            for layer, payload in zip(self.layers, payloads):
+            for i, (layer, payload) in enumerate(zip(self.layers, payloads)):
                 if layer.weight.grad is None:
+                    continue
+                if i in averaged:
+                    layer.set_grad_matrix(averaged[i])
                     continue
                 factor = torch.where(_is_preconditioned(payload[-1]), scale.to(payload.dtype), 1.0)
                 layer.set_grad_matrix(payload[:-2].view(layer.d_g, layer.d_a), factor)
-        return _to_host([p[-1] for p in payloads])
+        return flags
+
+    def _average_local_gradients(self, indices: list[int]) -> dict[int, Tensor]:
+        """Collective: the averaged gradient matrices of gathered layers ``indices`` from every rank's own
+        (which the owner-reduce hook has already divided by P, with the rest of its bucket)."""
+        grads = {}
+        for i in indices:
+            layer, w = self.layers[i], self.layers[i].weight
+            local = layer.grad_matrix()
+            grads[i] = local.clone() if local is not None else w.new_zeros(layer.d_g, layer.d_a)
+        with self._timed("comm"):
+            self.comm.all_reduce_sum(list(grads.values()), "gradients")
+        return grads
 
     def _payload(self, index: int, damping: float, rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``[P or plain grad (flattened), sum(P * grad), flag]`` of a layer, in the grad's dtype,
@@ -673,12 +714,14 @@ class KFACPreconditioner:
         A non-finite ``P`` falls back to the plain gradient without a host sync."""
         layer, state = self.layers[index], self._states[index]
         w = layer.weight
-        grad = layer.grad_matrix() if rows is None else (rows[1].T @ rows[0]).to(w.dtype)
+        if rows is not None:
+            return self._rows_payload(index, damping, rows)
+        grad = layer.grad_matrix()
         if grad is None or not state.decomposed():
             plain = grad if grad is not None else torch.zeros(layer.d_g, layer.d_a, dtype=w.dtype, device=w.device)
             flag = PLAIN_AFTER_FAULT if state.fault else PLAIN
             return torch.cat([plain.reshape(-1), plain.new_tensor([0.0, flag])])
-        p = self._precondition(state, grad, damping, rows)
+        p = self._precondition(state, grad, damping)
         grad = grad.to(p.dtype)
         vg = torch.dot(p.reshape(-1), grad.reshape(-1))
         ok = torch.isfinite(vg)  # sum(P * grad) is finite iff P is (for a finite grad): one cheap check
@@ -737,6 +780,15 @@ def _to_host(scalars: list[Tensor]) -> list[float]:
         return []
     device = scalars[0].device
     return torch.stack([t.reshape(()).to(device=device, dtype=torch.float64) for t in scalars]).tolist()
+
+
+def _spd_inverse(m: Tensor) -> Tensor:
+    """The inverse of a symmetric positive-definite matrix: through Cholesky (half the work of LU), or LU
+    if round-off made ``m`` numerically indefinite."""
+    factor, info = torch.linalg.cholesky_ex(m)
+    if int(info) != 0:
+        return torch.linalg.inv(m)
+    return torch.cholesky_inverse(factor)
 
 
 def _scaled(t: Tensor, factor: float) -> Tensor:

@@ -48,11 +48,15 @@ def batch(step: int, rank: int, micro: int = 0) -> tuple[torch.Tensor, torch.Ten
     return torch.randn(BATCH, 32, generator=g, dtype=torch.float64), torch.randint(0, 3, (BATCH,), generator=g)
 
 
-def _train(rank: int, world: int, variant: str, gather_rows: bool, method: str, micro_batches: int = 1) -> dict:
+def _train(rank: int, world: int, variant: str, gather_rows: bool, method: str, micro_batches: int = 1,
+           break_owner_of: str | None = None) -> dict:
+    """Train STEPS steps; ``break_owner_of``: the owner of that layer can never decompose (eigh fails)."""
     model = Wide(variant).double()
     ddp = DistributedDataParallel(model)
-    pre = KFACPreconditioner(model, method=method, gather_rows=gather_rows, **HP)
+    pre = KFACPreconditioner(model, method=method, gather_rows=gather_rows, max_consecutive_faults=STEPS + 1, **HP)
     pre.register_ddp_comm_hook(ddp)
+    if break_owner_of is not None and pre.owner_of(break_owner_of) == rank:
+        torch.linalg.eigh = lambda m: (_ for _ in ()).throw(torch.linalg.LinAlgError("forced"))  # forked rank
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for step in range(STEPS):
         opt.zero_grad()
@@ -76,9 +80,10 @@ def _train(rank: int, world: int, variant: str, gather_rows: bool, method: str, 
     }
 
 
-def _compare(ranks, variant: str, method: str = "inverse", micro_batches: int = 1) -> dict:
-    rows = ranks(_train, 2, variant, True, method, micro_batches)
-    grads = ranks(_train, 2, variant, False, method, micro_batches)
+def _compare(ranks, variant: str, method: str = "inverse", micro_batches: int = 1,
+             break_owner_of: str | None = None) -> dict:
+    rows = ranks(_train, 2, variant, True, method, micro_batches, break_owner_of)
+    grads = ranks(_train, 2, variant, False, method, micro_batches, break_owner_of)
     for res in rows + grads:
         assert res["ranks_identical"], "parameters differ between ranks"
     err = (rows[0]["params"] - grads[0]["params"]).norm() / grads[0]["params"].norm()
@@ -117,6 +122,11 @@ def test_accumulated_micro_batches_gather_the_rows_of_all_of_them(ranks) -> None
 def test_a_weight_with_gradient_from_outside_its_forward_keeps_the_gradient_path(ranks) -> None:
     """A tied use of fc1.weight adds gradient that is not g^T a: the first step's check catches it."""
     assert _compare(ranks, "tied")["row_layers"] == ["fc2"]
+
+
+def test_a_gathered_layer_left_plain_gets_every_ranks_averaged_gradient(ranks) -> None:
+    """No decomposition on fc1's owner: its payload carries no gradient, so every rank averages its own."""
+    assert "fc1" in _compare(ranks, "plain", "eigen", break_owner_of="fc1")["row_layers"]
 
 
 def test_rows_pay_off_only_when_all_ranks_rows_are_smaller_than_the_gradient() -> None:
