@@ -54,6 +54,7 @@ accuracy vs training wall time).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -333,10 +334,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tune_cpu_process() -> None:
+    """What one does for training on CPU, for every strategy alike: flush denormal floats to zero
+    (|x| < 1.2e-38, e.g. the gradients of a well-fitted batch, make matrix products and convolutions
+    4-100x slower), and keep freed memory in the process (glibc returns large blocks to the OS, and the
+    page faults of re-allocating them each step cost ~1 ms per 2.4 MB on this VM; the same effect as
+    running under tcmalloc or jemalloc)."""
+    torch.set_flush_denormal(True)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+
+
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], trial: Any, queue: Any) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)  # one core per rank; also avoids OpenMP stalls in forked ranks
+    _tune_cpu_process()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
         if backend == "nccl":

@@ -79,22 +79,29 @@ class Communicator:
 
         Tensors of one owner are packed together; all buckets are in flight at once.
         """
-        if self.world_size == 1 or not tensors:
-            return
         by_owner: dict[int, list[Tensor]] = defaultdict(list)
         for tensor, owner in zip(tensors, owners):
             by_owner[owner].append(tensor)
+        for pending in [self.start_broadcast(by_owner[owner], owner, kind) for owner in sorted(by_owner)]:
+            pending.wait()
+
+    def start_broadcast(self, tensors: Sequence[Tensor], owner: int, kind: str) -> PendingBroadcast:
+        """Start overwriting ``tensors`` on every rank with their values on rank ``owner`` (bucketed);
+        the returned handle's ``wait()`` completes it. Every rank must start the broadcasts of all owners
+        in the same order, but a receiver may start one early, before the owner has its values."""
+        if self.world_size == 1 or not tensors:
+            return PendingBroadcast([], receiving=False)
+        receiving = owner != self.rank
         pending = []
-        for owner in sorted(by_owner):
-            for bucket in self._buckets(by_owner[owner]):
+        for bucket in self._buckets(tensors):
+            if receiving and len(bucket) > 1:
+                flat = bucket[0].new_empty(sum(t.numel() for t in bucket))
+            else:
                 flat = _pack(bucket)
-                self.count(kind, "broadcast", flat.numel() * flat.element_size())
-                work = dist.broadcast(flat, src=self.global_rank(owner), group=self.group, async_op=True)
-                pending.append((work, flat, bucket, owner))
-        for work, flat, bucket, owner in pending:
-            work.wait()
-            if owner != self.rank:
-                _unpack(flat, bucket)
+            self.count(kind, "broadcast", flat.numel() * flat.element_size())
+            work = dist.broadcast(flat, src=self.global_rank(owner), group=self.group, async_op=True)
+            pending.append((work, flat, bucket))
+        return PendingBroadcast(pending, receiving)
 
     def gather_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], kind: str) -> dict[int, list[Tensor]]:
         """Collect ``tensors[i]`` (the same shapes on every rank) of all ranks on rank ``owners[i]``.
@@ -144,6 +151,20 @@ class Communicator:
             size += nbytes
         if bucket:
             yield bucket
+
+
+class PendingBroadcast:
+    """One owner's broadcast buckets in flight (see :meth:`Communicator.start_broadcast`)."""
+
+    def __init__(self, pending: list[tuple[dist.Work, Tensor, list[Tensor]]], receiving: bool) -> None:
+        self._pending, self._receiving = pending, receiving
+
+    def wait(self) -> None:
+        for work, flat, bucket in self._pending:
+            work.wait()
+            if self._receiving:
+                _unpack(flat, bucket)
+        self._pending = []
 
 
 def counting_all_reduce_hook(comm, bucket):  # type: ignore[no-untyped-def]

@@ -72,15 +72,25 @@ class KFACLayer(ABC):
     def a_factor(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """``A`` (d_a x d_a, ``dtype``) from one batch of layer inputs ``x``."""
         rows = self.input_rows(x).to(dtype)
+        n = rows.shape[0]
+        if n <= rows.shape[1]:  # few rows (a Linear on a small batch): pad and scale the rows
+            if self.has_bias:
+                rows = torch.cat([rows, rows.new_ones(n, 1)], dim=1)
+            return rows.T @ (rows / n)
+        # many rows (convolutions): scale the small result, border it with the column sums for the bias
+        A = rows.T @ rows
         if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows.T @ (rows / rows.shape[0])  # scale the (rows x d_a) operand, not the d_a x d_a result
+            sums = rows.sum(0)
+            A = torch.cat([torch.cat([A, sums[:, None]], 1), torch.cat([sums, sums.new_full((1,), n)])[None]], 0)
+        return A.div_(n)
 
     def g_factor(self, gy: Tensor, dtype: torch.dtype) -> Tensor:
         """``G`` (d_g x d_g, ``dtype``) from one batch of output gradients ``gy`` of a batch-mean loss."""
         batch = gy.shape[0]
         rows = self.output_grad_rows(gy).to(dtype)
-        return rows.T @ (rows * batch)  # (B g)^T (B g) / B
+        if rows.shape[0] <= rows.shape[1]:
+            return rows.T @ (rows * batch)  # (B g)^T (B g) / B
+        return (rows.T @ rows).mul_(batch)
 
     def grad_matrix(self) -> Tensor | None:
         """The gradient as a (d_g x d_a) matrix ``[dW | db]``, or ``None`` when the weight has no grad."""
@@ -164,16 +174,20 @@ class ConvLayer(KFACLayer):
         """im2col patches (B, C*kh*kw, L) of input ``x`` (B, C, H, W), or (B, C, W) for a Conv1d."""
         if self._is_1d:
             x = x.unsqueeze(2)
-        if any(self._pad):
-            x = F.pad(x, self._pad, mode=self._mode)
+        left, right, top, bottom = self._pad
+        if self._mode == "constant" and left == right and top == bottom:  # unfold pads zeros itself, faster
+            return F.unfold(x, self._kernel, dilation=self._dilation, padding=(top, left), stride=self._stride)
+        x = F.pad(x, self._pad, mode=self._mode)
         return F.unfold(x, self._kernel, dilation=self._dilation, stride=self._stride)
 
     def input_rows(self, x: Tensor) -> Tensor:
+        # Rows as the transpose of contiguous columns: the copy moves whole L-runs, and the products
+        # rows^T @ rows read contiguous memory.
         patches = self._patches(x)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        return patches.permute(1, 0, 2).reshape(patches.shape[1], -1).T
 
     def output_grad_rows(self, gy: Tensor) -> Tensor:
-        return gy.transpose(1, -1).reshape(-1, gy.shape[1])
+        return gy.transpose(0, 1).reshape(gy.shape[1], -1).T
 
 
 def grad_hook_target(output: Tensor) -> Tensor:

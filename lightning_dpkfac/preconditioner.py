@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance
+from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance, rank_loads
 from lightning_dpkfac.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
 from lightning_dpkfac.config import KFACConfig
 from lightning_dpkfac.layers import KFACLayer, LinearLayer, discover_layers, grad_hook_target
@@ -120,6 +120,9 @@ class KFACPreconditioner:
         self.layers, self.skipped = discover_layers(model, self.config.skip_layers)
         self.costs = [layer_cost(LayerShape(l.d_a, l.d_g), self.config.inv_update_steps) for l in self.layers]
         self.owners = assign_owners(self.costs, self.world_size)
+        self._layers_of = {r: [i for i, o in enumerate(self.owners) if o == r] for r in range(self.world_size)}
+        loads = rank_loads(self.costs, self.owners, self.world_size)
+        self._broadcast_order = sorted((r for r in range(self.world_size) if self._layers_of[r]), key=lambda r: (loads[r], r))
         self.steps = 0
         self.timings: dict[str, float] = defaultdict(float)  # seconds, cumulative, per phase
         self.faults_total = 0  # layer-steps with a numerical fault, the same count on every rank
@@ -599,18 +602,24 @@ class KFACPreconditioner:
         assert state.g_inv is not None and state.a_inv is not None
         return state.g_inv @ grad @ state.a_inv
 
-    def _precondition_rows(self, state: _LayerState, a: Tensor, g: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    def _precondition_rows(self, state: _LayerState, a: Tensor, g: Tensor, damping: float,
+                           out: Tensor) -> tuple[Tensor, Tensor]:
         """``(P, sum(P * grad))`` for ``grad = g^T a`` without forming ``grad`` (see :mod:`lightning_dpkfac.rows`):
         inverse: ``P = U V`` with ``U = G^-1 g^T``, ``V = a A^-1``, and ``sum(P * grad) = sum((g U) * (a V^T))``
-        (N x N products); eigen: in the eigenbasis ``sum(P * grad) = sum(v^2 / (dg da + damping))``."""
+        (N x N products); eigen: in the eigenbasis ``sum(P * grad) = sum(v^2 / (dg da + damping))``.
+        ``P`` is written into ``out`` (d_g x d_a) when the dtypes agree."""
         if state.qa is not None:
             assert state.qg is not None and state.dgda is not None
             v = (g @ state.qg).T @ (a @ state.qa)
             scaled = v / (state.dgda + damping)
-            return state.qg @ scaled @ state.qa.T, torch.dot(scaled.reshape(-1), v.reshape(-1))
-        assert state.g_inv is not None and state.a_inv is not None
-        u, v = state.g_inv @ g.T, a @ state.a_inv
-        return u @ v, torch.dot((g @ u).reshape(-1), (a @ v.T).reshape(-1))
+            left, right, vg = state.qg @ scaled, state.qa.T, torch.dot(scaled.reshape(-1), v.reshape(-1))
+        else:
+            assert state.g_inv is not None and state.a_inv is not None
+            left, right = state.g_inv @ g.T, a @ state.a_inv
+            vg = torch.dot((g @ left).reshape(-1), (a @ right.T).reshape(-1))
+        if out.dtype == left.dtype:
+            return torch.mm(left, right, out=out), vg
+        return out.copy_(left @ right), vg
 
     def _rows_payload(self, index: int, damping: float, rows: tuple[Tensor, Tensor]) -> Tensor:
         """``[P, sum(P * grad), flag]`` of an owned layer from the gathered rows; a layer left plain (no
@@ -621,10 +630,9 @@ class KFACPreconditioner:
         if not state.decomposed():
             payload.zero_()[-1] = PLAIN_AFTER_FAULT if state.fault else PLAIN
             return payload
-        p, vg = self._precondition_rows(state, *rows, damping)
+        _, vg = self._precondition_rows(state, *rows, damping, out=payload[:-2].view(layer.d_g, layer.d_a))
         ok = torch.isfinite(vg)  # finite iff P is (for finite rows)
         good = PRECONDITIONED_AFTER_FAULT if state.fault else PRECONDITIONED
-        payload[:-2].view(p.shape).copy_(p)
         payload[-2] = torch.where(ok, vg, 0.0)
         payload[-1] = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT)
         return payload
@@ -667,19 +675,27 @@ class KFACPreconditioner:
         """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer (dkfac: every rank
         preconditions every layer); all ranks KL-clip and write.
         Returns the flags of all layers (the same on every rank)."""
-        payloads: list[Tensor] = []
         with self._timed("comm"):
             rows, gathered = self._gather_rows()
-        with self._timed("precondition"):
-            for i, layer in enumerate(self.layers):
-                if self.owners[i] == self.rank or self._shares_decompositions:
-                    payloads.append(self._payload(i, damping, rows.get(i)))
-                else:
-                    w = layer.weight
-                    payloads.append(torch.empty(layer.num_params + 2, dtype=w.dtype, device=w.device))
-        if not self._shares_decompositions:
-            with self._timed("comm"):
-                self.comm.broadcast_from_owners(payloads, self.owners, "preconditioned")
+        payloads: list[Tensor] = [torch.empty(0)] * len(self.layers)
+        broadcasts = []
+        # Owners broadcast in order of increasing load, and a rank posts its receives from lighter owners
+        # before it computes its own payloads: their data arrives while it computes.
+        for owner in self._broadcast_order:
+            layers = self._layers_of[owner]
+            if owner == self.rank or self._shares_decompositions:
+                with self._timed("precondition"):
+                    for i in layers:
+                        payloads[i] = self._payload(i, damping, rows.get(i))
+            else:
+                for i in layers:
+                    w = self.layers[i].weight
+                    payloads[i] = torch.empty(self.layers[i].num_params + 2, dtype=w.dtype, device=w.device)
+            if not self._shares_decompositions:
+                broadcasts.append(self.comm.start_broadcast([payloads[i] for i in layers], owner, "preconditioned"))
+        with self._timed("comm"):
+            for pending in broadcasts:
+                pending.wait()
         flags = _to_host([p[-1] for p in payloads])
         # A gathered layer left plain carries no gradient in its payload: every rank averages its own.
         plain = [i for i in gathered if flags[i] not in (PRECONDITIONED, PRECONDITIONED_AFTER_FAULT)]
