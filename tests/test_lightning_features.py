@@ -76,3 +76,14 @@ def test_gradient_clipping_applies_to_the_preconditioned_gradient(tmp_path: Path
 def test_manual_optimization_runs_kfac_through_the_lightning_optimizer(tmp_path: Path) -> None:
     result = fit(tmp_path, "run", "--devices", "2", "--manual")
     assert result["kfac_steps"] == result["steps"] == STEPS_PER_EPOCH[2]
+
+
+def test_row_gathering_trains_like_reducing_gradients_under_lightning(tmp_path: Path) -> None:
+    """A wide hidden layer and 8 examples per rank: dpkfac gathers its rows (lightning_dpkfac.rows)."""
+    common = ("--devices", "2", "--precision", "64-true", "--hidden", "256", "--batch-size", "8")
+    rows = fit(tmp_path, "rows", *common)
+    grads = fit(tmp_path, "grads", *common, "--gather-rows", "0")
+    assert rows["row_layers"] == ["net.1"] and grads["row_layers"] == []
+    for name, value in grads["params"].items():
+        assert torch.allclose(rows["params"][name], value, rtol=1e-9, atol=1e-12), name
+

@@ -81,9 +81,9 @@ def _train(rank: int, world: int, variant: str, gather_rows: bool, method: str, 
 
 
 def _compare(ranks, variant: str, method: str = "inverse", micro_batches: int = 1,
-             break_owner_of: str | None = None) -> dict:
-    rows = ranks(_train, 2, variant, True, method, micro_batches, break_owner_of)
-    grads = ranks(_train, 2, variant, False, method, micro_batches, break_owner_of)
+             break_owner_of: str | None = None, world: int = 2) -> dict:
+    rows = ranks(_train, world, variant, True, method, micro_batches, break_owner_of)
+    grads = ranks(_train, world, variant, False, method, micro_batches, break_owner_of)
     for res in rows + grads:
         assert res["ranks_identical"], "parameters differ between ranks"
     err = (rows[0]["params"] - grads[0]["params"]).norm() / grads[0]["params"].norm()
@@ -96,6 +96,13 @@ def _compare(ranks, variant: str, method: str = "inverse", micro_batches: int = 
 def test_gathering_rows_gives_the_same_training_as_reducing_gradients(ranks, method: str) -> None:
     res = _compare(ranks, "plain", method)
     assert res["row_layers"] == ["fc1", "fc2"], "the narrow head's rows are bigger than its gradient"
+
+
+def test_three_ranks_each_owning_a_layer_train_alike(ranks) -> None:
+    """Rows gathered to two different owners; the three owners broadcast in order of their load."""
+    res = _compare(ranks, "plain", world=3)
+    assert sorted(res["owners"].values()) == [0, 1, 2]
+    assert res["row_layers"] == ["fc1", "fc2"]
 
 
 def test_gathering_rows_sends_fewer_gradient_bytes(ranks) -> None:

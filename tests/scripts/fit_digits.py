@@ -5,6 +5,7 @@ Run as a subprocess (Lightning's launcher re-runs this command line for the othe
     python tests/scripts/fit_digits.py --devices 2 --epochs 3 --ckpt-dir D [--resume D/epoch=0.ckpt]
         [--out result.pt] [--kill-rank 1 --kill-at-step 12] [--precision bf16-mixed] [--accumulate 2]
         [--clip 1e-3 --momentum 0 --lr 1] [--manual] [--num-nodes 2]
+        [--hidden 256 --batch-size 8 --gather-rows 0]
 
 Rank 0 writes ``--out``: final parameters, per-step training losses, every rank's K-FAC factors as they
 were right after the checkpoint was restored (before any training step), the factor dtype, the number of
@@ -54,6 +55,7 @@ class Recorder(pl.Callback):
         self.factors_at_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kill_rank, self.kill_at_step = kill_rank, kill_at_step
         self.max_update_norm = 0.0
+        self.row_layers: list[str] = []
         self._before: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
@@ -65,6 +67,10 @@ class Recorder(pl.Callback):
             factors = pre.factors(layer.name)
             if factors is not None:
                 self.factors_at_start[layer.name] = (factors[0].clone(), factors[1].clone())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pre = trainer.strategy.preconditioner
+        self.row_layers = [pre.layers[i].name for i in pre.row_layers]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])
@@ -91,12 +97,15 @@ def main() -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--manual", action="store_true")
     p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--gather-rows", type=int, default=1)
     args = p.parse_args()
 
     pl.seed_everything(0, workers=True)
     recorder = Recorder(args.kill_rank, args.kill_at_step)
     strategy = lightning_dpkfac.DPKFACStrategy(
-        damping=1e-2, inv_update_steps=7, timeout=timedelta(seconds=args.timeout_s)
+        damping=1e-2, inv_update_steps=7, gather_rows=bool(args.gather_rows), timeout=timedelta(seconds=args.timeout_s)
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
@@ -107,8 +116,8 @@ def main() -> None:
         limit_val_batches=0, deterministic=True,
     )
     module_class = ManualClassifier if args.manual else ClassifierModule
-    module = module_class(mlp(hidden=(32,)), lr=args.lr, momentum=args.momentum)
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32, flatten=True), ckpt_path=args.resume)
+    module = module_class(mlp(hidden=(args.hidden,)), lr=args.lr, momentum=args.momentum)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=args.batch_size, flatten=True), ckpt_path=args.resume)
 
     gathered: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(gathered, recorder.factors_at_start)
@@ -123,6 +132,7 @@ def main() -> None:
                 "kfac_steps": strategy.preconditioner.steps,
                 "factor_dtype": str(next(iter(strategy.preconditioner._states.values())).A.dtype),
                 "max_update_norm": recorder.max_update_norm,
+                "row_layers": recorder.row_layers,
             },
             args.out,
         )
