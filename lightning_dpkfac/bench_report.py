@@ -100,7 +100,8 @@ def format_markdown(results: dict[str, Any]) -> str:
         f"{m['world_size']} ranks, backend {m['backend']}, device {m['device']}, {m['cpu_count']} CPU cores, "
         f"torch {m['torch']}, {m['platform']}; load average {m['loadavg_start'][0]:.1f} at the start, "
         f"{m['loadavg_end'][0]:.1f} at the end. Batch {c['batch_size']} per rank; K-FAC: damping {c['damping']}, "
-        f"factor_update_steps {c['factor_update_steps']}, inv_update_steps {c['inv_update_steps']}, {c['method']}; "
+        f"factor_update_steps {c['factor_update_steps']}, inv_update_steps {c['inv_update_steps']}, "
+        f"{c['step_method']} (step time), {c['train_method']} (convergence); "
         f"{c['warmup']} warm-up + {c['steps']} timed steps x {c['reps']} alternating repetitions.",
     ]
     for name, model in results["step_time"].items():

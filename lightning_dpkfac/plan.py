@@ -270,6 +270,7 @@ def format_plan(
     factor_update_steps: int = 1,
     inv_update_steps: int = 10,
     method: str = "eigen",
+    batch_size: int | None = None,
     max_rows: int = 64,
 ) -> str:
     """The planner's report: owner map, predicted bytes per step and per-rank memory."""
@@ -293,7 +294,8 @@ def format_plan(
         out.append(f"  {name:<36} {s.d_a:>6} {s.d_g:>6} {100 * costs[i] / total_cost:>6.1f}% {owner:>6}")
 
     per_step = {m: bytes_per_step(shapes, world_size, m, factor_update_steps=factor_update_steps,
-                                  inv_update_steps=inv_update_steps, method=method) for m in MODES}
+                                  inv_update_steps=inv_update_steps, method=method, batch_size=batch_size)
+                for m in MODES}
     ddp_total = sum(per_step["ddp"].values())
     out += ["", "Predicted bytes sent per rank per optimizer step:", f"  {'kind':<16}" + "".join(f"{m:>14}" for m in MODES)]
     for kind in KINDS:
@@ -319,8 +321,9 @@ def format_plan(
     return "\n".join(out)
 
 
-def load_shapes(spec: str, skip_layers: Sequence[str] = ()) -> ModelShapes:
-    """A built-in table by name, or ``package.module:factory`` called with no arguments."""
+def load_shapes(spec: str, skip_layers: Sequence[str] = (), input_shape: Sequence[int] | None = None) -> ModelShapes:
+    """A built-in table by name, or ``package.module:factory`` called with no arguments (with
+    ``input_shape``, one example's shape, a forward pass counts each Linear layer's rows per example)."""
     if spec in BUILTIN:
         return BUILTIN[spec]()
     module_name, sep, attr = spec.partition(":")
@@ -331,7 +334,8 @@ def load_shapes(spec: str, skip_layers: Sequence[str] = ()) -> ModelShapes:
     model = factory()
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, not an nn.Module.")
-    return shapes_of(model, skip_layers, name=spec)
+    example = torch.zeros(2, *input_shape) if input_shape else None
+    return shapes_of(model, skip_layers, name=spec, example_input=example)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -344,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--inv-update-steps", type=int, default=10)
     parser.add_argument("--method", choices=METHODS, default="eigen")
     parser.add_argument("--skip-layers", nargs="*", default=[], help="module or class names to leave to SGD")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="examples per rank: predicts dpkfac's row gathering for Linear layers")
+    parser.add_argument("--input-shape", type=int, nargs="+", default=None,
+                        help="one example's shape, for a factory model (e.g. 16 512): counts rows of Linear "
+                             "layers on N-D inputs (default: one row per example)")
     parser.add_argument("--paper", action="store_true", help="print the comparison with the paper's 64-GPU ratios")
     args = parser.parse_args(argv)
     if not 1 <= args.world_size <= 1024:
@@ -351,9 +360,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.paper:
         report = format_paper_comparison(args.world_size)
     else:
-        report = format_plan(load_shapes(args.model, args.skip_layers), args.world_size,
-                             factor_update_steps=args.factor_update_steps,
-                             inv_update_steps=args.inv_update_steps, method=args.method)
+        report = format_plan(load_shapes(args.model, args.skip_layers, args.input_shape), args.world_size,
+                             factor_update_steps=args.factor_update_steps, inv_update_steps=args.inv_update_steps,
+                             method=args.method, batch_size=args.batch_size)
     print(report)
     return report
 

@@ -218,3 +218,14 @@ def test_shapes_count_token_rows_from_an_example_batch() -> None:
     model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.Flatten(1, 1), nn.Linear(5, 6), nn.Flatten(), nn.Linear(24, 2))
     shapes = shapes_of(model, example_input=torch.randn(2, 3, 5)).shapes
     assert [s.rows_per_example for s in shapes] == [0, 4, 1]
+
+
+def test_cli_predicts_row_gathering_from_a_batch_size(capsys) -> None:
+    """The digits MLP's 64 -> 128 layer on 8 examples per rank: its rows are smaller than its gradient."""
+    main(["lightning_dpkfac.models:mlp", "-P", "2", "--input-shape", "64"])
+    without = capsys.readouterr().out
+    main(["lightning_dpkfac.models:mlp", "-P", "2", "--input-shape", "64", "--batch-size", "8"])
+    with_rows = capsys.readouterr().out
+    gradients = [line for line in (without, with_rows) for line in line.splitlines() if line.strip().startswith("gradients")]
+    assert len(gradients) == 2 and gradients[0] != gradients[1]
+
