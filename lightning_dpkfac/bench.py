@@ -11,8 +11,10 @@ is shared) hits every strategy alike. Peak memory needs a process per strategy: 
 trials measure it.
 
 Step time (``--models``): ``--warmup`` steps, then ``--steps`` timed steps (forward, backward, K-FAC
-step, SGD step) per repetition; ``--reps`` repetitions in fresh processes. Synthetic tensors for the MLP
-and the Transformer, digits for the CNN (timing does not depend on the values).
+step, SGD step) per repetition; ``--reps`` repetitions in fresh processes. A fresh batch every step:
+synthetic tensors for the MLP and the Transformer, digits for the CNN. K-FAC uses ``--step-method``
+(default inverse) here and ``--train-method`` (default eigen) in the convergence runs. Every rank
+flushes denormal floats and keeps freed memory (``_tune_cpu_process``), whatever the strategy.
 Convergence (``--tasks``): DDP-SGD, DDP-Adam, dkfac and dpkfac (SGD with momentum plus K-FAC) trained
 side by side on digits (CNN, target 97%) and MNIST-1D (1-D CNN, target 90%), test accuracy after every
 epoch, for each of ``--seeds``; training time is the sum of the strategy's own step times (evaluation

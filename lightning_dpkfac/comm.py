@@ -103,14 +103,15 @@ class Communicator:
             pending.append((work, flat, bucket))
         return PendingBroadcast(pending, receiving)
 
-    def gather_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], kind: str) -> dict[int, list[Tensor]]:
+    def gather_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], kind: str) -> dict[int, Tensor]:
         """Collect ``tensors[i]`` (the same shapes on every rank) of all ranks on rank ``owners[i]``.
 
-        Returns, on each rank, ``{i: [tensors[i] of rank 0, of rank 1, ...]}`` for the ``i`` it owns.
-        Tensors of one owner are packed together; all buckets are in flight at once.
+        Returns, on each rank, ``{i: stacked}`` for the ``i`` it owns, ``stacked[r]`` being rank r's
+        ``tensors[i]`` (contiguous when the owner's bucket holds one tensor). Tensors of one owner are
+        packed together; all buckets are in flight at once.
         """
         if self.world_size == 1:
-            return {i: [t] for i, (t, owner) in enumerate(zip(tensors, owners)) if owner == self.rank}
+            return {i: t.unsqueeze(0) for i, (t, owner) in enumerate(zip(tensors, owners)) if owner == self.rank}
         by_owner: dict[int, list[int]] = defaultdict(list)
         for i, owner in enumerate(owners):
             by_owner[owner].append(i)
@@ -119,21 +120,23 @@ class Communicator:
             for bucket in self._buckets([tensors[i] for i in by_owner[owner]]):
                 flat = _pack(bucket)
                 self.count(kind, "gather", flat.numel() * flat.element_size())
-                mine = owner == self.rank
-                received = [torch.empty_like(flat) for _ in range(self.world_size)] if mine else None
-                work = dist.gather(flat, received, dst=self.global_rank(owner), group=self.group, async_op=True)
+                # One (P, bucket) tensor on the owner: the ranks' parts land in its rows, no copy after.
+                received = flat.new_empty(self.world_size, flat.numel()) if owner == self.rank else None
+                parts = list(received.unbind(0)) if received is not None else None
+                work = dist.gather(flat, parts, dst=self.global_rank(owner), group=self.group, async_op=True)
                 pending.append((work, received, len(bucket)))
-        out: dict[int, list[Tensor]] = {}
+        out: dict[int, Tensor] = {}
         positions = iter(i for owner in sorted(by_owner) for i in by_owner[owner])
         for work, received, size in pending:
             work.wait()
             indices = [next(positions) for _ in range(size)]
             if received is None:
                 continue
-            shapes = [tensors[i].shape for i in indices]
-            per_rank = [_split(flat, shapes) for flat in received]
-            for j, i in enumerate(indices):
-                out[i] = [parts[j] for parts in per_rank]
+            offset = 0
+            for i in indices:
+                n = tensors[i].numel()
+                out[i] = received[:, offset : offset + n].reshape(self.world_size, *tensors[i].shape)
+                offset += n
         return out
 
     def _buckets(self, tensors: Sequence[Tensor]) -> Iterator[list[Tensor]]:
@@ -221,16 +224,6 @@ def _completed(value: Tensor) -> torch.futures.Future:
     done: torch.futures.Future = torch.futures.Future()
     done.set_result(value)
     return done
-
-
-def _split(flat: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
-    """Views of ``flat`` with the given shapes, in order."""
-    out, offset = [], 0
-    for shape in shapes:
-        n = shape.numel()
-        out.append(flat[offset : offset + n].view(shape))
-        offset += n
-    return out
 
 
 def _unpack_result(_: torch.futures.Future, flat: Tensor, tensors: list[Tensor]) -> None:

@@ -644,27 +644,25 @@ class KFACPreconditioner:
         not those no rank called)."""
         if not self.row_layers:
             return {}, []
-        local = [self._row_captures[i].rows(self._factor_dtype(i)) for i in self.row_layers]
-        for i in self.row_layers:
-            self._row_captures[i].clear()
+        captures = [self._row_captures[i] for i in self.row_layers]
         device = self.layers[0].weight.device
-        counts = torch.tensor([float(a.shape[0]) for a, _ in local], dtype=torch.float64, device=device)
+        counts = torch.tensor([float(c.num_rows()) for c in captures], dtype=torch.float64, device=device)
         self.comm.all_reduce_max([counts], "gradients")
         sent, owners, indices = [], [], []
-        for i, (a, g), most in zip(self.row_layers, local, counts.tolist()):
-            if most == 0:  # no rank called the layer: its gradient stays as it is
-                continue
-            padded = a.new_zeros(int(most), a.shape[1] + g.shape[1])
-            padded[: a.shape[0], : a.shape[1]] = a
-            padded[: a.shape[0], a.shape[1] :] = g
-            sent.append(padded)
-            owners.append(self.owners[i])
-            indices.append(i)
+        for i, capture, most in zip(self.row_layers, captures, counts.tolist()):
+            if most > 0:  # else no rank called the layer: its gradient stays as it is
+                layer = self.layers[i]
+                padded = torch.empty(int(most), layer.d_a + layer.d_g, dtype=self._factor_dtype(i), device=device)
+                capture.write_rows(padded)
+                sent.append(padded)
+                owners.append(self.owners[i])
+                indices.append(i)
+            capture.clear()
         gathered = self.comm.gather_to_owners(sent, owners, "gradients")
         out = {}
-        for j, parts in gathered.items():
+        for j, stacked in gathered.items():  # (P, rows, d_a + d_g)
             i = indices[j]
-            stacked = torch.cat(parts)
+            stacked = stacked.reshape(-1, stacked.shape[-1])
             out[i] = (stacked[:, : self.layers[i].d_a], stacked[:, self.layers[i].d_a :].div_(self.world_size))
         return out, indices
 

@@ -71,17 +71,22 @@ class RowCapture:
     def rows(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(a, g)``, (R x d_a) and (R x d_g) in ``dtype``, over every call that got a gradient
         (R may be 0)."""
-        calls = sorted(self._grads)
-        device = self.layer.weight.device
-        if calls:
-            a = torch.cat([self.layer.input_rows(self._inputs[c]).to(dtype) for c in calls])
-            g = torch.cat([self._grads[c].to(dtype) for c in calls])
-        else:
-            a = torch.zeros(0, self.layer.d_a - int(self.layer.has_bias), dtype=dtype, device=device)
-            g = torch.zeros(0, self.layer.d_g, dtype=dtype, device=device)
-        if self.layer.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-        return a, g
+        out = torch.empty(self.num_rows(), self.layer.d_a + self.layer.d_g, dtype=dtype, device=self.layer.weight.device)
+        self.write_rows(out)
+        return out[:, : self.layer.d_a], out[:, self.layer.d_a :]
+
+    def write_rows(self, out: Tensor) -> None:
+        """Write ``[a | g]`` into ``out`` (at least R rows, d_a + d_g columns); rows past R become zeros."""
+        d_in, start = self.layer.d_a - int(self.layer.has_bias), 0
+        for call in sorted(self._grads):
+            g = self._grads[call]
+            block = out[start : start + g.shape[0]]
+            block[:, :d_in].copy_(self.layer.input_rows(self._inputs[call]))
+            if self.layer.has_bias:
+                block[:, d_in].fill_(1.0)
+            block[:, self.layer.d_a :].copy_(g)
+            start += g.shape[0]
+        out[start:].zero_()
 
     def gradient_matches(self, param: Tensor, grad: Tensor) -> bool:
         """Whether ``grad`` (this rank's gradient of the layer's weight or bias) equals ``g^T a``."""

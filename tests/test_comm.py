@@ -38,3 +38,24 @@ def test_all_reduce_and_owner_broadcast_on_two_ranks(ranks) -> None:
         assert res["owned"] == [[1.0] * 5, [0.0] * 2, [1.0]]
         # all-reduce of 7 floats: 2 (P-1)/P * 28 B = 28 B; broadcasts of 8 floats: (P-1)/P * 32 B = 16 B
         assert res["bytes"] == {"factors": 28.0, "preconditioned": 16.0}
+
+
+def _gather_and_max(rank: int, world: int) -> dict:
+    comm = Communicator(bucket_cap_bytes=32)  # owner 2's two tensors share a bucket, owner 0's is alone
+    tensors = [torch.full((2, 3), 10.0 * rank), torch.full((4,), float(rank)), torch.full((1,), -float(rank))]
+    gathered = comm.gather_to_owners(tensors, owners=[0, 2, 2], kind="gradients")
+    largest = torch.tensor([float(rank), 5.0 - rank])
+    comm.all_reduce_max([largest], "gradients")
+    return {"gathered": {i: t.tolist() for i, t in gathered.items()}, "max": largest.tolist(),
+            "bytes": dict(comm.bytes_sent)}
+
+
+def test_gather_to_owners_stacks_every_ranks_tensor_on_its_owner(ranks) -> None:
+    results = ranks(_gather_and_max, 3)
+    assert results[0]["gathered"] == {0: [[[0.0] * 3] * 2, [[10.0] * 3] * 2, [[20.0] * 3] * 2]}
+    assert results[1]["gathered"] == {}
+    assert results[2]["gathered"] == {1: [[0.0] * 4, [1.0] * 4, [2.0] * 4], 2: [[0.0], [-1.0], [-2.0]]}
+    for res in results:
+        assert res["max"] == [2.0, 5.0]
+        # gathers of 6 + 5 floats: (P-1)/P * 44 B; all-reduce of 2 floats: 2 (P-1)/P * 8 B
+        assert res["bytes"] == {"gradients": 2 / 3 * 44 + 4 / 3 * 8}
