@@ -146,6 +146,7 @@ class KFACPreconditioner:
         self._rows_deciding = False
         self.row_layers: list[int] = []  # indices of the layers whose owner gathers rows, not the gradient
         self._row_params: set[int] = set()
+        self._restored_row_layers: list[str] | None = None  # a checkpoint's decision, same world size
         self._handles: list[RemovableHandle] = []
         for i in self._states:
             # Under torch.compile the hook runs eagerly (a graph break) rather than being traced.
@@ -272,11 +273,26 @@ class KFACPreconditioner:
                 self._row_checks[id(param)] = self._row_captures[index].gradient_matches(param, grad)
 
     def _start_row_decision(self) -> None:
-        """Capture the rows of every Linear layer on every rank during the next step (see :meth:`_decide_rows`)."""
+        """Capture the rows of every Linear layer on every rank during the next step (see :meth:`_decide_rows`),
+        or adopt the decision of a restored checkpoint."""
         for i, layer in enumerate(self.layers):
             if isinstance(layer, LinearLayer) and i not in self._row_captures:
                 self._row_captures[i] = RowCapture(layer)
         self._rows_deciding = bool(self._row_captures)
+        if self._restored_row_layers is not None:
+            self._adopt_row_layers([self._index(name) for name in self._restored_row_layers])
+
+    def _adopt_row_layers(self, chosen: list[int]) -> None:
+        """Gather the rows of layers ``chosen`` from now on; stop capturing the others."""
+        for i in list(self._row_captures):
+            if i in chosen:
+                self._row_captures[i].clear()
+            else:
+                self._row_captures.pop(i).remove()
+        self.row_layers = sorted(chosen)
+        self._row_params = {id(p) for i in chosen for p in self.layers[i].module.parameters(recurse=False)}
+        self._rows_deciding = False
+        self._row_checks.clear()
 
     def _decide_rows(self) -> None:
         """Collective, once: keep gathering rows for the Linear layers where :func:`rows_pay_off` at the
@@ -288,18 +304,9 @@ class KFACPreconditioner:
         votes = torch.tensor(counts + failed, dtype=torch.float64, device=self.layers[0].weight.device)
         self.comm.all_reduce_max([votes], "gradients")
         most_rows, any_failed = votes[: len(candidates)].tolist(), votes[len(candidates) :].tolist()
-        chosen = []
-        for i, rows, bad in zip(candidates, most_rows, any_failed):
-            layer = self.layers[i]
-            if not bad and rows_pay_off(self.world_size, int(rows), layer.d_a, layer.d_g):
-                chosen.append(i)
-                self._row_captures[i].clear()
-            else:
-                self._row_captures.pop(i).remove()
-        self.row_layers = chosen
-        self._row_params = {p for i in chosen for p in params[i]}
-        self._rows_deciding = False
-        self._row_checks.clear()
+        chosen = [i for i, rows, bad in zip(candidates, most_rows, any_failed)
+                  if not bad and rows_pay_off(self.world_size, int(rows), self.layers[i].d_a, self.layers[i].d_g)]
+        self._adopt_row_layers(chosen)
         if chosen:
             log.info("dpkfac gathers the rows of %s instead of their gradients", [self.layers[i].name for i in chosen])
 
@@ -320,6 +327,8 @@ class KFACPreconditioner:
         return {
             "format": STATE_FORMAT,
             "steps": self.steps,
+            "world_size": self.world_size,
+            "row_layers": [self.layers[i].name for i in self.row_layers],
             "method": self.config.method,
             "faults_total": self.faults_total,
             "consecutive_faults": {l.name: n for l, n in zip(self.layers, self._consecutive_faults)},
@@ -368,6 +377,12 @@ class KFACPreconditioner:
             s.a_batch = s.g_batch = None
             s.a_count = s.g_passes = 0
         self.steps = int(state["steps"])
+        # The same world size keeps the row-gathering decision (a resume must not re-decide: the first
+        # step's gradient path would round differently from the uninterrupted run's rows path).
+        if state.get("world_size") == self.world_size and "row_layers" in state and self.config.gather_rows:
+            self._restored_row_layers = list(state["row_layers"])
+            if self._rows_deciding:
+                self._adopt_row_layers([self._index(name) for name in self._restored_row_layers])
         self.faults_total = int(state["faults_total"])
         self._consecutive_faults = [int(state["consecutive_faults"].get(l.name, 0)) for l in self.layers]
         if not same_method:  # decompositions of the other method are useless: make new ones now

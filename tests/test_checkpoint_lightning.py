@@ -55,6 +55,16 @@ def test_resume_on_the_same_world_size_is_bit_identical(two_rank_run) -> None:
     assert all(resumed["losses"][s] == full["losses"][s] for s in resumed["losses"])
 
 
+def test_resume_with_gathered_rows_is_bit_identical(tmp_path: Path) -> None:
+    """A wide layer on 8 examples per rank gathers rows; the resumed run keeps that decision."""
+    env, wide = launch_env(), ("--devices", "2", "--epochs", "2", "--hidden", "256", "--batch-size", "8")
+    full = fit_ok(env, tmp_path, "full", *wide)
+    (first_epoch,) = (tmp_path / "full").glob("epoch=0-*.ckpt")
+    resumed = fit_ok(env, tmp_path, "resumed", *wide, "--resume", str(first_epoch))
+    assert full["row_layers"] == resumed["row_layers"] == ["net.1"]
+    assert all(torch.equal(full["params"][k], resumed["params"][k]) for k in full["params"])
+
+
 @pytest.mark.parametrize("devices", [1, 3])
 def test_resume_on_another_world_size_loads_each_factor_on_its_new_owner(two_rank_run, devices: int) -> None:
     out_dir, _, env = two_rank_run
