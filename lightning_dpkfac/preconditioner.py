@@ -277,7 +277,7 @@ class KFACPreconditioner:
         or adopt the decision of a restored checkpoint."""
         for i, layer in enumerate(self.layers):
             if isinstance(layer, LinearLayer) and i not in self._row_captures:
-                self._row_captures[i] = RowCapture(layer)
+                self._row_captures[i] = RowCapture(layer, self.world_size)
         self._rows_deciding = bool(self._row_captures)
         if self._restored_row_layers is not None:
             self._adopt_row_layers([self._index(name) for name in self._restored_row_layers])
@@ -287,6 +287,7 @@ class KFACPreconditioner:
         for i in list(self._row_captures):
             if i in chosen:
                 self._row_captures[i].clear()
+                self._row_captures[i].candidate = False
             else:
                 self._row_captures.pop(i).remove()
         self.row_layers = sorted(chosen)

@@ -44,29 +44,46 @@ class RowCapture:
 
     Inputs are kept by reference (autograd keeps them for the weight gradient anyway, and refuses an
     in-place change of them); output gradients by reference too (autograd does not modify a gradient it
-    has passed to a tensor hook).
+    has passed to a tensor hook). While ``candidate`` (the first step, before the decision), a layer whose
+    rows on this rank alone already cannot pay off on ``world_size`` ranks keeps nothing and only counts
+    its rows: a token model's output gradients would otherwise pile up until the step.
     """
 
-    def __init__(self, layer: KFACLayer) -> None:
+    def __init__(self, layer: KFACLayer, world_size: int) -> None:
         self.layer = layer
+        self.world_size = world_size
+        self.candidate = True
         self._inputs: list[Tensor] = []
         self._grads: dict[int, Tensor] = {}  # forward call index -> output-gradient rows
+        self._counted = 0  # rows seen by a candidate that stopped keeping them
         # Under torch.compile the hook runs eagerly (a graph break) rather than being traced.
         self._handle = layer.module.register_forward_hook(torch.compiler.disable(self._on_forward))
 
     def _on_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not (module.training and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
+        if self.candidate:
+            rows = self._counted + sum(t.numel() // t.shape[-1] for t in (*self._inputs, inputs[0]))
+            if self._counted or not rows_pay_off(self.world_size, rows, self.layer.d_a, self.layer.d_g):
+                self._counted, self._inputs, self._grads = rows, [], {}
+                return
         call = len(self._inputs)
         self._inputs.append(inputs[0].detach())
         grad_hook_target(output).register_hook(torch.compiler.disable(partial(self._on_output_grad, call)))
 
     def _on_output_grad(self, call: int, grad: Tensor) -> None:
-        self._grads[call] = grad.detach().reshape(-1, grad.shape[-1])
+        if call < len(self._inputs):  # else dropped by a candidate with too many rows
+            self._grads[call] = grad.detach().reshape(-1, grad.shape[-1])
+
+    @property
+    def holds_rows(self) -> bool:
+        """Whether any input or output-gradient rows are kept."""
+        return bool(self._inputs or self._grads)
 
     def num_rows(self) -> int:
-        """Rows that have both an input and an output gradient."""
-        return sum(g.shape[0] for g in self._grads.values())
+        """Rows that have both an input and an output gradient (a candidate that stopped keeping them:
+        the rows it saw)."""
+        return self._counted or sum(g.shape[0] for g in self._grads.values())
 
     def rows(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(a, g)``, (R x d_a) and (R x d_g) in ``dtype``, over every call that got a gradient
@@ -90,6 +107,8 @@ class RowCapture:
 
     def gradient_matches(self, param: Tensor, grad: Tensor) -> bool:
         """Whether ``grad`` (this rank's gradient of the layer's weight or bias) equals ``g^T a``."""
+        if self._counted:  # a candidate that stopped keeping its rows: it will not gather them anyway
+            return False
         a, g = self.rows(torch.promote_types(grad.dtype, torch.float32))
         full = g.T @ a
         n_w = self.layer.weight[0].numel()
@@ -98,7 +117,7 @@ class RowCapture:
         return bool((expected - grad.to(expected.dtype)).norm() <= MATCH_TOLERANCE * scale + 1e-30)
 
     def clear(self) -> None:
-        self._inputs, self._grads = [], {}
+        self._inputs, self._grads, self._counted = [], {}, 0
 
     def remove(self) -> None:
         """Stop capturing."""

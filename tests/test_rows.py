@@ -140,3 +140,61 @@ def test_rows_pay_off_only_when_all_ranks_rows_are_smaller_than_the_gradient() -
     assert rows_pay_off(world_size=2, rows_per_rank=64, d_a=785, d_g=512)  # 2*64*1297 < 401,920
     assert not rows_pay_off(world_size=2, rows_per_rank=64, d_a=513, d_g=10)  # 66,944 > 5,130
     assert not rows_pay_off(world_size=2, rows_per_rank=0, d_a=785, d_g=512)  # layer never called
+
+
+class Tokens(nn.Module):
+    """A Linear on 60 tokens per example (its rows can never pay off) and a wide one on pooled features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens, self.wide = nn.Linear(8, 8), nn.Linear(8, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wide(self.tokens(x).mean(1))
+
+
+def _first_backward_on_tokens(rank: int, world: int) -> dict:
+    model = Tokens()
+    ddp = DistributedDataParallel(model)
+    pre = KFACPreconditioner(model, **HP)
+    pre.register_ddp_comm_hook(ddp)
+    ddp(torch.randn(BATCH, 60, 8)).square().mean().backward()
+    kept = {pre.layers[i].name: c.holds_rows for i, c in pre._row_captures.items()}  # before the step
+    pre.step()
+    return {"kept": kept, "row_layers": [pre.layers[i].name for i in pre.row_layers]}
+
+
+def test_a_layer_whose_rows_cannot_pay_off_keeps_none_during_the_first_step(ranks) -> None:
+    """Token rows (3 x 60 per rank) pile up otherwise: a BERT layer's would be hundreds of MB."""
+    for res in ranks(_first_backward_on_tokens, 2):
+        assert res["kept"] == {"tokens": False, "wide": True}
+        assert res["row_layers"] == ["wide"]
+
+
+def _autocast_bf16(rank: int, world: int) -> dict:
+    model = Wide()
+    ddp = DistributedDataParallel(model)
+    pre = KFACPreconditioner(model, **HP)
+    pre.register_ddp_comm_hook(ddp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(ddp(x.float()), y)
+        loss.backward()
+        pre.step()
+        opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return {"row_layers": [pre.layers[i].name for i in pre.row_layers], "same": torch.equal(*gathered),
+            "finite": bool(torch.isfinite(flat).all())}
+
+
+def test_bf16_autocast_gradients_pass_the_check_and_gather_rows(ranks) -> None:
+    """Under autocast the weight gradient is computed in bfloat16: within the check's 5% of g^T a."""
+    for res in ranks(_autocast_bf16, 2):
+        assert res == {"row_layers": ["fc1", "fc2"], "same": True, "finite": True}
+
