@@ -47,8 +47,8 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance, rank_loads
 from lightning_dpkfac.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
 from lightning_dpkfac.config import KFACConfig
-from lightning_dpkfac.layers import KFACLayer, LinearLayer, discover_layers, grad_hook_target
-from lightning_dpkfac.rows import RowCapture, rows_pay_off
+from lightning_dpkfac.layers import KFACLayer, discover_layers, grad_hook_target
+from lightning_dpkfac.rows import RowGatherer
 
 log = logging.getLogger("lightning_dpkfac")
 
@@ -136,17 +136,11 @@ class KFACPreconditioner:
             for i, layer in enumerate(self.layers)
             if self._builds_factors(i)
         }
-        self._param_layer = {
-            id(p): i for i, layer in enumerate(self.layers) for p in layer.module.parameters(recurse=False)
+        self._param_owner = {
+            id(p): owner for layer, owner in zip(self.layers, self.owners) for p in layer.module.parameters(recurse=False)
         }
-        # Row gathering (dpkfac with the owner-reduce hook, see lightning_dpkfac.rows): candidates capture
-        # rows on every rank during the first step, which decides the layers that keep doing so.
-        self._row_captures: dict[int, RowCapture] = {}
-        self._row_checks: dict[int, bool] = {}  # id(param) -> its gradient was g^T a on this rank
-        self._rows_deciding = False
-        self.row_layers: list[int] = []  # indices of the layers whose owner gathers rows, not the gradient
-        self._row_params: set[int] = set()
-        self._restored_row_layers: list[str] | None = None  # a checkpoint's decision, same world size
+        # Row gathering: started by register_ddp_comm_hook in dpkfac (see lightning_dpkfac.rows).
+        self._rows = RowGatherer(self.layers, self.owners, self.comm)
         self._handles: list[RemovableHandle] = []
         for i in self._states:
             # Under torch.compile the hook runs eagerly (a graph break) rather than being traced.
@@ -230,7 +224,7 @@ class KFACPreconditioner:
         if self.config.mode == "dpkfac" and self._loss_scale_fn is None:
             ddp.register_comm_hook(self, owner_reduce_hook)
             if self.config.gather_rows and self.world_size > 1:
-                self._start_row_decision()
+                self._rows.start()
         else:
             ddp.register_comm_hook(self.comm, counting_all_reduce_hook)
 
@@ -258,58 +252,20 @@ class KFACPreconditioner:
 
     def gradient_owner(self, param: Tensor) -> int | None:
         """The rank that owns ``param``'s gradient (a K-FAC layer's weight or bias), or None."""
-        index = self._param_layer.get(id(param))
-        return None if index is None else self.owners[index]
+        return self._param_owner.get(id(param))
 
     def sends_rows(self, param: Tensor) -> bool:
         """Whether ``param``'s gradient stays local because its owner gathers the layer's rows instead."""
-        return id(param) in self._row_params
+        return self._rows.sends_rows(param)
 
     def check_row_gradient(self, param: Tensor, grad: Tensor) -> None:
         """During the first step, record whether this rank's gradient of ``param`` equals ``g^T a``."""
-        if self._rows_deciding:
-            index = self._param_layer.get(id(param))
-            if index in self._row_captures:
-                self._row_checks[id(param)] = self._row_captures[index].gradient_matches(param, grad)
+        self._rows.check(param, grad)
 
-    def _start_row_decision(self) -> None:
-        """Capture the rows of every Linear layer on every rank during the next step (see :meth:`_decide_rows`),
-        or adopt the decision of a restored checkpoint."""
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, LinearLayer) and i not in self._row_captures:
-                self._row_captures[i] = RowCapture(layer, self.world_size)
-        self._rows_deciding = bool(self._row_captures)
-        if self._restored_row_layers is not None:
-            self._adopt_row_layers([self._index(name) for name in self._restored_row_layers])
-
-    def _adopt_row_layers(self, chosen: list[int]) -> None:
-        """Gather the rows of layers ``chosen`` from now on; stop capturing the others."""
-        for i in list(self._row_captures):
-            if i in chosen:
-                self._row_captures[i].clear()
-                self._row_captures[i].candidate = False
-            else:
-                self._row_captures.pop(i).remove()
-        self.row_layers = sorted(chosen)
-        self._row_params = {id(p) for i in chosen for p in self.layers[i].module.parameters(recurse=False)}
-        self._rows_deciding = False
-        self._row_checks.clear()
-
-    def _decide_rows(self) -> None:
-        """Collective, once: keep gathering rows for the Linear layers where :func:`rows_pay_off` at the
-        largest row count of any rank and where every rank saw its gradient equal ``g^T a``."""
-        candidates = sorted(self._row_captures)
-        params = {i: [id(p) for p in self.layers[i].module.parameters(recurse=False)] for i in candidates}
-        failed = [float(not all(self._row_checks.get(p, False) for p in params[i])) for i in candidates]
-        counts = [float(self._row_captures[i].num_rows()) for i in candidates]
-        votes = torch.tensor(counts + failed, dtype=torch.float64, device=self.layers[0].weight.device)
-        self.comm.all_reduce_max([votes], "gradients")
-        most_rows, any_failed = votes[: len(candidates)].tolist(), votes[len(candidates) :].tolist()
-        chosen = [i for i, rows, bad in zip(candidates, most_rows, any_failed)
-                  if not bad and rows_pay_off(self.world_size, int(rows), self.layers[i].d_a, self.layers[i].d_g)]
-        self._adopt_row_layers(chosen)
-        if chosen:
-            log.info("dpkfac gathers the rows of %s instead of their gradients", [self.layers[i].name for i in chosen])
+    @property
+    def row_layers(self) -> list[int]:
+        """Indices of the layers whose owner gathers their rows instead of their gradient."""
+        return self._rows.chosen
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -329,7 +285,7 @@ class KFACPreconditioner:
             "format": STATE_FORMAT,
             "steps": self.steps,
             "world_size": self.world_size,
-            "row_layers": [self.layers[i].name for i in self.row_layers],
+            "row_layers": [self.layers[i].name for i in self._rows.chosen],
             "method": self.config.method,
             "faults_total": self.faults_total,
             "consecutive_faults": {l.name: n for l, n in zip(self.layers, self._consecutive_faults)},
@@ -381,9 +337,7 @@ class KFACPreconditioner:
         # The same world size keeps the row-gathering decision (a resume must not re-decide: the first
         # step's gradient path would round differently from the uninterrupted run's rows path).
         if state.get("world_size") == self.world_size and "row_layers" in state and self.config.gather_rows:
-            self._restored_row_layers = list(state["row_layers"])
-            if self._rows_deciding:
-                self._adopt_row_layers([self._index(name) for name in self._restored_row_layers])
+            self._rows.restore(list(state["row_layers"]))
         self.faults_total = int(state["faults_total"])
         self._consecutive_faults = [int(state["consecutive_faults"].get(l.name, 0)) for l in self.layers]
         if not same_method:  # decompositions of the other method are useless: make new ones now
@@ -398,10 +352,7 @@ class KFACPreconditioner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for capture in self._row_captures.values():
-            capture.remove()
-        self._row_captures.clear()
-        self.row_layers, self._row_params, self._rows_deciding = [], set(), False
+        self._rows.remove()
 
     # ------------------------------------------------------------------ capture (hooks)
     def _capturing(self, module: nn.Module) -> bool:
@@ -467,8 +418,8 @@ class KFACPreconditioner:
             for i, result in results.items():
                 self._store_decomposition(self._states[i], result)
         flags = self._precondition_and_share(damping, kl_clip, lr)
-        if self._rows_deciding:
-            self._decide_rows()
+        if self._rows.deciding:
+            self._rows.decide()
         self._count_faults(flags)
         self.steps += 1
 
@@ -653,44 +604,12 @@ class KFACPreconditioner:
         payload[-1] = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT)
         return payload
 
-    def _gather_rows(self) -> tuple[dict[int, tuple[Tensor, Tensor]], list[int]]:
-        """Collective: each row layer's rows ``(a, g)`` of all ranks, stacked, on its owner, with ``g``
-        divided by P so that ``g^T a`` is the averaged gradient (rows of a rank padded with zeros to the
-        largest count, which adds nothing to ``g^T a``); and the layers gathered (the same on every rank:
-        not those no rank called)."""
-        if not self.row_layers:
-            return {}, []
-        captures = [self._row_captures[i] for i in self.row_layers]
-        device = self.layers[0].weight.device
-        counts = torch.tensor([float(c.num_rows()) for c in captures], dtype=torch.float64, device=device)
-        self.comm.all_reduce_max([counts], "gradients")
-        sent, owners, indices = [], [], []
-        for i, capture, most in zip(self.row_layers, captures, counts.tolist()):
-            if most > 0:  # else no rank called the layer: its gradient stays as it is
-                layer = self.layers[i]
-                padded = torch.empty(int(most), layer.d_a + layer.d_g, dtype=self._factor_dtype(i), device=device)
-                capture.write_rows(padded)
-                sent.append(padded)
-                owners.append(self.owners[i])
-                indices.append(i)
-            capture.clear()
-        gathered = self.comm.gather_to_owners(sent, owners, "gradients")
-        out = {}
-        for j, stacked in gathered.items():  # (P, rows, d_a + d_g)
-            i = indices[j]
-            stacked = stacked.reshape(-1, stacked.shape[-1])
-            out[i] = (stacked[:, : self.layers[i].d_a], stacked[:, self.layers[i].d_a :].div_(self.world_size))
-        return out, indices
-
-    def _factor_dtype(self, index: int) -> torch.dtype:
-        return torch.promote_types(self.layers[index].weight.dtype, torch.float32)
-
     def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None) -> list[float]:
         """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer (dkfac: every rank
         preconditions every layer); all ranks KL-clip and write.
         Returns the flags of all layers (the same on every rank)."""
         with self._timed("comm"):
-            rows, gathered = self._gather_rows()
+            rows, gathered = self._rows.gather()
         payloads: list[Tensor] = [torch.empty(0)] * len(self.layers)
         broadcasts = []
         # Owners broadcast in order of increasing load, and a rank posts its receives from lighter owners

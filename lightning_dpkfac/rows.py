@@ -13,20 +13,26 @@ with ``a``, ``g`` the rows of all ranks stacked (each rank's gradient is its own
                         eigen:   Q_G^T grad Q_A = (g Q_G)^T (a Q_A) / P,
 
 which for the inverse method costs about ``P R (d_a + d_g)^2`` flops instead of ``d_g d_a (d_a + d_g)``.
-The engine decides per layer at its first step, from the largest row count of any rank and a check on
-every rank that the layer's gradient really is ``g^T a`` (a weight also used outside the module's
-forward, or a hook that edits the parameter's gradient, would make it differ).
+:class:`RowGatherer` decides per layer at the engine's first step, from the largest row count of any rank
+and a check on every rank that the layer's gradient really is ``g^T a`` (a weight also used outside the
+module's forward, or a hook that edits the parameter's gradient, would make it differ), and then gathers
+the chosen layers' rows to their owners every step. The engine (``preconditioner.py``) does the math.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_dpkfac.layers import KFACLayer, grad_hook_target
+from lightning_dpkfac.comm import Communicator
+from lightning_dpkfac.layers import KFACLayer, LinearLayer, grad_hook_target
+
+log = logging.getLogger("lightning_dpkfac")
 
 #: Relative (Frobenius) difference above which a gradient is not ``g^T a``. Loose enough for a gradient
 #: computed in bfloat16 under autocast, tight enough for any real second source of gradient.
@@ -123,3 +129,115 @@ class RowCapture:
         """Stop capturing."""
         self._handle.remove()
         self.clear()
+
+
+class RowGatherer:
+    """Which layers' rows go to their owners, and the collectives that take them there.
+
+    Lifecycle: :meth:`start` (when the engine's DDP hook is installed) puts a :class:`RowCapture` on every
+    Linear layer; during the first step the hook calls :meth:`check` for each gradient; :meth:`decide`
+    (collective, at the end of that step) keeps the layers that pay off everywhere; from then on
+    :meth:`gather` (collective) brings their rows to the owners every step.
+    """
+
+    def __init__(self, layers: Sequence[KFACLayer], owners: Sequence[int], comm: Communicator) -> None:
+        self.layers, self.owners, self.comm = layers, owners, comm
+        self.captures: dict[int, RowCapture] = {}
+        self.chosen: list[int] = []  # indices of the layers whose owner gathers rows, not the gradient
+        self.deciding = False
+        self.restored: list[str] | None = None  # a checkpoint's decision, adopted instead of deciding
+        self._checks: dict[int, bool] = {}  # id(param) -> its gradient was g^T a on this rank
+        self._chosen_params: set[int] = set()
+        self._layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.module.parameters(recurse=False)}
+
+    def start(self) -> None:
+        """Capture the rows of every Linear layer during the next step, or adopt :attr:`restored`."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, LinearLayer) and i not in self.captures:
+                self.captures[i] = RowCapture(layer, self.comm.world_size)
+        self.deciding = bool(self.captures)
+        if self.restored is not None:
+            self.restore(self.restored)
+
+    def restore(self, names: list[str]) -> None:
+        """Gather the rows of the layers named ``names`` (a checkpoint's decision) without deciding anew."""
+        self.restored = list(names)
+        if self.deciding:
+            index = {layer.name: i for i, layer in enumerate(self.layers)}
+            self._adopt([index[name] for name in names])
+
+    def sends_rows(self, param: Tensor) -> bool:
+        """Whether ``param``'s gradient stays local because its owner gathers the layer's rows instead."""
+        return id(param) in self._chosen_params
+
+    def check(self, param: Tensor, grad: Tensor) -> None:
+        """While deciding, record whether this rank's gradient of ``param`` equals ``g^T a``."""
+        if self.deciding:
+            index = self._layer_of.get(id(param))
+            if index in self.captures:
+                self._checks[id(param)] = self.captures[index].gradient_matches(param, grad)
+
+    def decide(self) -> None:
+        """Collective, once: keep the layers where :func:`rows_pay_off` at the largest row count of any
+        rank and every rank saw its gradient equal ``g^T a``."""
+        candidates = sorted(self.captures)
+        params = {i: [id(p) for p in self.layers[i].module.parameters(recurse=False)] for i in candidates}
+        failed = [float(not all(self._checks.get(p, False) for p in params[i])) for i in candidates]
+        counts = [float(self.captures[i].num_rows()) for i in candidates]
+        votes = torch.tensor(counts + failed, dtype=torch.float64, device=self.layers[0].weight.device)
+        self.comm.all_reduce_max([votes], "gradients")
+        most_rows, any_failed = votes[: len(candidates)].tolist(), votes[len(candidates) :].tolist()
+        world = self.comm.world_size
+        self._adopt([i for i, rows, bad in zip(candidates, most_rows, any_failed)
+                     if not bad and rows_pay_off(world, int(rows), self.layers[i].d_a, self.layers[i].d_g)])
+        if self.chosen:
+            log.info("dpkfac gathers the rows of %s instead of their gradients", [self.layers[i].name for i in self.chosen])
+
+    def _adopt(self, chosen: list[int]) -> None:
+        for i in list(self.captures):
+            if i in chosen:
+                self.captures[i].clear()
+                self.captures[i].candidate = False
+            else:
+                self.captures.pop(i).remove()
+        self.chosen = sorted(chosen)
+        self._chosen_params = {id(p) for i in chosen for p in self.layers[i].module.parameters(recurse=False)}
+        self.deciding = False
+        self._checks.clear()
+
+    def gather(self) -> tuple[dict[int, tuple[Tensor, Tensor]], list[int]]:
+        """Collective: each chosen layer's rows ``(a, g)`` of all ranks, stacked, on its owner, with ``g``
+        divided by P so that ``g^T a`` is the averaged gradient (a rank's rows padded with zeros to the
+        largest count, which adds nothing to ``g^T a``); and the layers gathered (the same on every rank:
+        not those no rank called)."""
+        if not self.chosen:
+            return {}, []
+        captures = [self.captures[i] for i in self.chosen]
+        device = self.layers[0].weight.device
+        counts = torch.tensor([float(c.num_rows()) for c in captures], dtype=torch.float64, device=device)
+        self.comm.all_reduce_max([counts], "gradients")
+        sent, owners, indices = [], [], []
+        for i, capture, most in zip(self.chosen, captures, counts.tolist()):
+            if most > 0:  # else no rank called the layer: its gradient stays as it is
+                layer = self.layers[i]
+                dtype = torch.promote_types(layer.weight.dtype, torch.float32)  # the factor dtype
+                padded = torch.empty(int(most), layer.d_a + layer.d_g, dtype=dtype, device=device)
+                capture.write_rows(padded)
+                sent.append(padded)
+                owners.append(self.owners[i])
+                indices.append(i)
+            capture.clear()
+        out = {}
+        for j, stacked in self.comm.gather_to_owners(sent, owners, "gradients").items():  # (P, rows, d_a + d_g)
+            i, d_a = indices[j], self.layers[indices[j]].d_a
+            stacked = stacked.reshape(-1, stacked.shape[-1])
+            out[i] = (stacked[:, :d_a], stacked[:, d_a:].div_(self.comm.world_size))
+        return out, indices
+
+    def remove(self) -> None:
+        """Stop capturing anything."""
+        for capture in self.captures.values():
+            capture.remove()
+        self.captures.clear()
+        self.chosen, self._chosen_params, self.deciding = [], set(), False
+

@@ -160,7 +160,7 @@ def _first_backward_on_tokens(rank: int, world: int) -> dict:
     pre = KFACPreconditioner(model, **HP)
     pre.register_ddp_comm_hook(ddp)
     ddp(torch.randn(BATCH, 60, 8)).square().mean().backward()
-    kept = {pre.layers[i].name: c.holds_rows for i, c in pre._row_captures.items()}  # before the step
+    kept = {pre.layers[i].name: c.holds_rows for i, c in pre._rows.captures.items()}  # before the step
     pre.step()
     return {"kept": kept, "row_layers": [pre.layers[i].name for i in pre.row_layers]}
 
