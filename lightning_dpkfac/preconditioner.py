@@ -404,8 +404,10 @@ class KFACPreconditioner:
         self._loss_scale = None
         for state in self._states.values():
             state.fault = False
-        if k % cfg.factor_update_steps == 0:
-            self._update_factors(cfg.value("factor_decay", k))
+        fold = self._update_factors(cfg.value("factor_decay", k)) if k % cfg.factor_update_steps == 0 else None
+        if fold is not None and k % cfg.inv_update_steps == 0:  # the decomposition needs the new factors
+            fold()
+            fold = None
             if k == 0:
                 self._warn_uncaptured()
         if k % cfg.inv_update_steps == 0:
@@ -417,7 +419,7 @@ class KFACPreconditioner:
                     results = self._broadcast_decompositions(results)
             for i, result in results.items():
                 self._store_decomposition(self._states[i], result)
-        flags = self._precondition_and_share(damping, kl_clip, lr)
+        flags = self._precondition_and_share(damping, kl_clip, lr, while_sending=fold)
         if self._rows.deciding:
             self._rows.decide()
         self._count_faults(flags)
@@ -431,8 +433,10 @@ class KFACPreconditioner:
             log.warning("K-FAC layers %s were not called in the first training step; they keep their plain "
                         "gradient until they are (add them to skip_layers if that is intended)", idle)
 
-    def _update_factors(self, decay: float) -> None:
-        """Fold the captured batch factors into the running averages; in dkfac, all-reduce them first."""
+    def _update_factors(self, decay: float) -> Callable[[], None]:
+        """Check the captured batch factors (in dkfac, all-reduced first) and flag the non-finite ones;
+        returns the fold of the others into the running averages, which the caller may run later (it is
+        local work: dpkfac runs it while its preconditioned gradients are on the wire)."""
         batch: dict[int, tuple[Tensor | None, Tensor | None]] = {}
         with self._timed("factor"):
             for i, s in self._states.items():
@@ -446,20 +450,27 @@ class KFACPreconditioner:
                 s.a_count = s.g_passes = 0
         if self.config.mode == "dkfac" and self.world_size > 1:
             batch = self._all_reduce_factors(batch)
+        good: dict[int, tuple[Tensor, Tensor]] = {}
         with self._timed("factor"):
             captured = {i: (a, g) for i, (a, g) in batch.items() if a is not None and g is not None}
-            if not captured:
-                return
             # One host sync for all layers: a non-finite batch (inf/NaN input, overflow) must not
-            # poison the running average, which would outlive the bad batch.
-            finite = _to_host([_all_finite(a) & _all_finite(g) for a, g in captured.values()])
+            # poison the running average, which would outlive the bad batch. A Gram matrix (or a sum of
+            # them) is finite iff its diagonal is (|F_ij| <= sqrt(F_ii F_jj)): d checks, not d^2.
+            finite = _to_host([_all_finite(a.diagonal()) & _all_finite(g.diagonal()) for a, g in captured.values()])
             for (i, (a, g)), ok in zip(captured.items(), finite):
-                s = self._states[i]
-                if not ok:
-                    s.fault = self._loss_scale_fn is None  # under a loss scaler: an overflow step
-                    continue
-                s.A = a if s.A is None else s.A.lerp_(a, 1 - decay)  # decay A + (1 - decay) a, one pass
-                s.G = g if s.G is None else s.G.lerp_(g, 1 - decay)
+                if ok:
+                    good[i] = (a, g)
+                else:
+                    self._states[i].fault = self._loss_scale_fn is None  # under a loss scaler: an overflow step
+
+        def fold() -> None:
+            with self._timed("factor"):
+                for i, (a, g) in good.items():
+                    s = self._states[i]
+                    s.A = a if s.A is None else s.A.lerp_(a, 1 - decay)  # decay A + (1 - decay) a, one pass
+                    s.G = g if s.G is None else s.G.lerp_(g, 1 - decay)
+
+        return fold
 
     def _all_reduce_factors(
         self, batch: dict[int, tuple[Tensor | None, Tensor | None]]
@@ -604,10 +615,11 @@ class KFACPreconditioner:
         payload[-1] = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT)
         return payload
 
-    def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None) -> list[float]:
+    def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None,
+                                while_sending: Callable[[], None] | None = None) -> list[float]:
         """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer (dkfac: every rank
-        preconditions every layer); all ranks KL-clip and write.
-        Returns the flags of all layers (the same on every rank)."""
+        preconditions every layer), run ``while_sending`` (local work) while the broadcasts are in flight;
+        all ranks KL-clip and write. Returns the flags of all layers (the same on every rank)."""
         with self._timed("comm"):
             rows, gathered = self._rows.gather()
         payloads: list[Tensor] = [torch.empty(0)] * len(self.layers)
@@ -626,6 +638,8 @@ class KFACPreconditioner:
                     payloads[i] = torch.empty(self.layers[i].num_params + 2, dtype=w.dtype, device=w.device)
             if not self._shares_decompositions:
                 broadcasts.append(self.comm.start_broadcast([payloads[i] for i in layers], owner, "preconditioned"))
+        if while_sending is not None:
+            while_sending()
         with self._timed("comm"):
             for pending in broadcasts:
                 pending.wait()
