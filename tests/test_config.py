@@ -23,6 +23,7 @@ from lightning_dpkfac import DPKFACStrategy, KFACConfig, KFACPreconditioner, Uns
         ({"method": "cholesky"}, r"method='cholesky' is invalid: it must be one of \('eigen', 'inverse'\)"),
         ({"mode": "kaisa"}, r"mode='kaisa' is invalid: it must be one of \('dpkfac', 'dkfac'\)"),
         ({"bucket_cap_mb": 0}, r"bucket_cap_mb=0 is invalid"),
+        ({"gather_rows": "yes"}, r"gather_rows='yes' is invalid: it must be True or False"),
     ],
 )
 def test_invalid_hyper_parameter_raises_value_error_naming_it(changes: dict, message: str) -> None:
