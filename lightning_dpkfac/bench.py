@@ -62,19 +62,14 @@ import math
 import os
 import platform
 import resource
-import socket
 import statistics
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -86,6 +81,7 @@ from lightning_dpkfac.comm import KINDS, Communicator, counting_all_reduce_hook
 from lightning_dpkfac.data import DigitsDataModule, MNIST1DDataModule
 from lightning_dpkfac.plan import predict_bytes, shapes_of
 from lightning_dpkfac.preconditioner import KFACPreconditioner
+from lightning_dpkfac.ranks import run_ranks
 
 SCHEMA = "lightning_dpkfac.bench/1"
 STEP_STRATEGIES = ("ddp", "dkfac", "dpkfac")
@@ -260,6 +256,7 @@ def _peak_rss_bytes() -> int:
 def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
     """Time ``trial.steps`` steps after ``trial.warmup``, strategies interleaved step by step; return this
     rank's raw measurements per strategy."""
+    _tune_cpu_process()
     rss_start = _rss_bytes()
     device = _device(rank)
     make_net, _ = STEP_MODELS[trial.model]
@@ -297,6 +294,7 @@ def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
 def train_worker(rank: int, world_size: int, trial: TrainTrial) -> dict[str, Any]:
     """Train every strategy ``trial.epochs`` epochs, step by step in turn; per strategy, the curve
     [[epoch, cumulative training seconds, test accuracy], ...]."""
+    _tune_cpu_process()
     device = _device(rank)
     make_data, make_net = TASKS[trial.task]
     data = make_data(trial.batch_size)
@@ -329,13 +327,7 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return correct / len(y)
 
 
-# ---------------------------------------------------------------------------------- ranks
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# ---------------------------------------------------------------------------------- rank set-up
 def _tune_cpu_process() -> None:
     """What one does for training on CPU, for every strategy alike: flush denormal floats to zero
     (|x| < 1.2e-38, e.g. the gradients of a well-fitted batch, make matrix products and convolutions
@@ -349,57 +341,6 @@ def _tune_cpu_process() -> None:
         return
     libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], trial: Any, queue: Any) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)  # one core per rank; also avoids OpenMP stalls in forked ranks
-    _tune_cpu_process()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-        result = fn(rank, world_size, trial)
-        dist.barrier()
-        queue.put((rank, "ok", result))
-    except BaseException:  # every failure goes back to the parent, whatever it is
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(fn: Callable[..., Any], world_size: int, trial: Any, timeout: float = 600.0) -> list[Any]:
-    """``fn(rank, world_size, trial)`` on ``world_size`` fresh ranks; their results ordered by rank.
-
-    Raises with the failing rank's traceback, or names the ranks that hung past ``timeout`` seconds
-    (and kills them)."""
-    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")  # CUDA cannot be forked
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, trial, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world_size):
-            try:
-                rank, status, payload = queue.get(timeout=timeout)
-            except Exception:
-                hung = [r for r in range(world_size) if r not in results]
-                raise TimeoutError(f"ranks {hung} gave no result within {timeout} s ({trial})") from None
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed in {trial}:\n{payload}")
-            results[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [results[r] for r in range(world_size)]
 
 
 # ---------------------------------------------------------------------------------- aggregation
@@ -551,7 +492,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         done = []
         for i, trial in enumerate(items):
             log(f"[{i + 1}/{len(items)}] {what(trial)}")
-            done.append((trial, run_ranks(worker, args.world_size, trial)))
+            done.append((trial, run_ranks(worker, args.world_size, trial, timeout=600.0)))
         return done
 
     timing = trials([StepTrial(m, STEP_STRATEGIES, args.batch_size, args.warmup, args.steps, rep, args.lr, kfac)

@@ -405,12 +405,12 @@ class KFACPreconditioner:
         for state in self._states.values():
             state.fault = False
         fold = self._update_factors(cfg.value("factor_decay", k)) if k % cfg.factor_update_steps == 0 else None
-        if fold is not None and k % cfg.inv_update_steps == 0:  # the decomposition needs the new factors
-            fold()
-            fold = None
-            if k == 0:
-                self._warn_uncaptured()
         if k % cfg.inv_update_steps == 0:
+            if fold is not None:  # the decomposition needs the new factors now
+                fold()
+                fold = None
+                if k == 0:
+                    self._warn_uncaptured()
             with self._timed("inverse"):
                 results = {i: self._decompose(s, damping) for i, s in self._states.items()
                            if self.owners[i] == self.rank and s.A is not None and s.G is not None}
@@ -545,29 +545,28 @@ class KFACPreconditioner:
         """Collective (dkfac): every layer's new decomposition from its owner, with a flag (0: none, the
         owner had no factors yet; 1: new; 2: failed), to every rank. Returns them for all layers that
         have one or failed."""
+        parts: dict[int, list[Tensor]] = {}
         flags: list[Tensor] = []
         tensors: list[Tensor] = []
         owners: list[int] = []
         for i, state in self._states.items():
-            layer, mine = self.layers[i], self.owners[i] == self.rank
-            result = owned.get(i)
+            layer, result = self.layers[i], owned.get(i)
+            if result is not None:  # only the owner has one
+                parts[i] = list(result)
+            else:
+                parts[i] = [torch.zeros(shape, dtype=state.dtype, device=layer.weight.device)
+                            for shape in self._decomposition_shapes(layer)]
             flag = (1.0 if result is not None else 2.0) if i in owned else 0.0
-            shapes = self._decomposition_shapes(layer)
-            parts = list(result) if mine and result is not None else [
-                torch.zeros(shape, dtype=state.dtype, device=layer.weight.device) for shape in shapes]
             flags.append(torch.full((1,), flag, dtype=state.dtype, device=layer.weight.device))
-            tensors += parts + [flags[-1]]
-            owners += [self.owners[i]] * (len(parts) + 1)
+            tensors += parts[i] + [flags[-1]]
+            owners += [self.owners[i]] * (len(parts[i]) + 1)
         self.comm.broadcast_from_owners(tensors, owners, "inverses")
         out: dict[int, tuple[Tensor, ...] | None] = {}
-        offset = 0
-        for (i, state), flag in zip(self._states.items(), _to_host(flags)):
-            count = len(self._decomposition_shapes(self.layers[i]))
+        for i, flag in zip(self._states, _to_host(flags)):
             if flag == 1.0:
-                out[i] = tuple(tensors[offset : offset + count])
+                out[i] = tuple(parts[i])
             elif flag == 2.0:
                 out[i] = None
-            offset += count + 1
         return out
 
     def _precondition(self, state: _LayerState, grad: Tensor, damping: float) -> Tensor:

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import free_port, launch_env, run_command
+from conftest import launch_env, run_command
+from lightning_dpkfac.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "fit_digits.py"
