@@ -44,7 +44,9 @@ accuracy vs training wall time).
   ``state_bytes``: per rank {``factors``, ``decompositions``, ``capture``} (``capture``: the batch-factor
   accumulators held between backward and ``step()``; K-FAC captures no activations beyond them);
   ``peak_rss_bytes`` and ``rss_growth_bytes`` per rank (peak resident memory of the single-strategy
-  trial, and its growth during that trial); ``load_imbalance`` (max/mean owner cost, null for ddp); ``owners``.
+  trial, and its growth during that trial); ``load_imbalance`` (max/mean owner cost, null for ddp); ``owners``;
+  ``blocks`` (with ``--block-dim``): ``max_factor_dim``, ``layers`` (blocks), and ``strategies[s]`` for s in
+  dkfac, dpkfac: ``state_bytes`` per rank and ``load_imbalance`` with every layer split into blocks.
 - ``convergence[task]``: ``target`` accuracy; ``runs[s]``: per seed {``seed``, ``curve`` [[epoch,
   train_s, test_acc], ...], ``time_to_target_s``, ``epochs_to_target`` (null if never reached),
   ``final_acc``}; ``summary[s]``: {``time_to_target_s``, ``epochs_to_target``, ``final_acc``} each
@@ -139,6 +141,7 @@ class KFACSettings:
     factor_update_steps: int = 1
     inv_update_steps: int = 10
     method: str = "eigen"
+    max_factor_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -366,12 +369,15 @@ def summarize_step_trials(
                 entry["steps"].append(statistics.fmean(r["per_step"][i]["step"] for r in per_rank))
                 entry["phases"].append({p: statistics.fmean(r["per_step"][i][p] for r in per_rank) for p in PHASES})
             entry.update(trial=trial, last=per_rank)
-    rss = {(t.model, t.strategies[0]): ranks for t, ranks in memory}
+    rss = {(t.model, t.strategies[0]): ranks for t, ranks in memory if t.kfac.max_factor_dim is None}
+    blocks = {(t.model, t.strategies[0]): (t.kfac.max_factor_dim, ranks) for t, ranks in memory
+              if t.kfac.max_factor_dim is not None}
     out: dict[str, Any] = {}
     for model, strategies in pooled.items():
         make_net, _ = STEP_MODELS[model]
         example = _step_batches(model, 2, 0, 0, count=1)[0][0]
-        shapes = shapes_of(make_net(), example_input=example)
+        dim = next(iter(strategies.values()))["trial"].kfac.max_factor_dim
+        shapes = shapes_of(make_net(), example_input=example, max_factor_dim=dim)
         ddp_median = statistics.median(strategies["ddp"]["steps"]) if "ddp" in strategies else None
         section: dict[str, Any] = {}
         for strategy, entry in strategies.items():
@@ -400,6 +406,16 @@ def summarize_step_trials(
                        "other_params": shapes.other_params},
             "strategies": section,
         }
+        split = {s: v for (m, s), v in blocks.items() if m == model}
+        if split:
+            block_dim = next(iter(split.values()))[0]
+            out[model]["blocks"] = {
+                "max_factor_dim": block_dim,
+                "layers": len(shapes_of(make_net(), max_factor_dim=block_dim).layers),
+                "strategies": {s: {"state_bytes": [r["strategies"][s]["state"] for r in ranks],
+                                   "load_imbalance": ranks[0]["strategies"][s]["load_imbalance"]}
+                               for s, (_, ranks) in split.items()},
+            }
     return out
 
 
@@ -462,6 +478,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--factor-update-steps", type=int, default=1)
     p.add_argument("--inv-update-steps", type=int, default=10)
+    p.add_argument("--max-factor-dim", type=int, default=None,
+                   help="KFACConfig.max_factor_dim of every K-FAC trial (default: whole layers)")
+    p.add_argument("--block-dim", type=int, default=256,
+                   help="the memory trials also run dkfac and dpkfac with max_factor_dim=BLOCK_DIM (0: not)")
     p.add_argument("--step-method", choices=["eigen", "inverse"], default="inverse",
                    help="K-FAC decomposition in the step-time trials (inverse: ~1.4x faster steps on the MLP)")
     p.add_argument("--train-method", choices=["eigen", "inverse"], default="eigen",
@@ -484,7 +504,9 @@ TARGETS = {"digits": 0.97, "mnist1d": 0.90}
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every trial and write the outputs; return the results."""
     kfac = KFACSettings(damping=args.damping, factor_update_steps=args.factor_update_steps,
-                        inv_update_steps=args.inv_update_steps, method=args.step_method)
+                        inv_update_steps=args.inv_update_steps, method=args.step_method,
+                        max_factor_dim=args.max_factor_dim)
+    kfac_blocks = KFACSettings(**{**asdict(kfac), "max_factor_dim": args.block_dim}) if args.block_dim else None
     kfac_train = KFACSettings(**{**asdict(kfac), "method": args.train_method})
     load_start = os.getloadavg()
 
@@ -499,9 +521,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                      for m in args.models for rep in range(args.reps)],
                     step_worker, lambda t: f"step time: {t.model}, repetition {t.seed}")
     # Peak memory needs a process per strategy; one inversion and two factor updates are enough.
+    # With blocks (--block-dim), K-FAC state only: how far splitting wide layers balances memory.
     memory = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac)
-                     for m in args.models for s in STEP_STRATEGIES],
-                    step_worker, lambda t: f"peak memory: {t.model}, {t.strategies[0]}")
+                     for m in args.models for s in STEP_STRATEGIES]
+                    + [StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac_blocks)
+                       for m in args.models for s in ("dkfac", "dpkfac") if kfac_blocks is not None],
+                    step_worker, lambda t: f"peak memory: {t.model}, {t.strategies[0]}"
+                    + (f", max_factor_dim {t.kfac.max_factor_dim}" if t.kfac.max_factor_dim else ""))
     training = trials([TrainTrial(t, TRAIN_STRATEGIES, seed, args.epochs or EPOCHS[t], args.batch_size, args.lr,
                                   args.adam_lr, args.kfac_lr, kfac_train) for t in args.tasks for seed in args.seeds],
                       train_worker, lambda t: f"convergence: {t.task}, seed {t.seed}")

@@ -185,8 +185,8 @@ def counting_all_reduce_hook(comm, bucket):  # type: ignore[no-untyped-def]
 
 
 def owner_reduce_hook(pre, bucket):  # type: ignore[no-untyped-def]
-    """DDP comm hook for dpkfac: average each K-FAC layer's gradients onto its owner only (a reduce, ~half
-    the traffic of an all-reduce), and all-reduce the other gradients; the gradients of layers whose
+    """DDP comm hook for dpkfac: average each K-FAC layer's (block's) gradients onto its owner only (a
+    reduce, ~half the traffic of an all-reduce), and all-reduce the other gradients; the gradients of layers whose
     owner gathers their rows instead (:mod:`lightning_dpkfac.rows`) stay where they are. ``pre`` is the
     ``KFACPreconditioner``, whose :meth:`step` later broadcasts every layer's result. (No annotations:
     see :func:`counting_all_reduce_hook`.)"""
@@ -198,8 +198,8 @@ def owner_reduce_hook(pre, bucket):  # type: ignore[no-untyped-def]
     by_owner: dict[int | None, list[Tensor]] = defaultdict(list)
     for param, grad in zip(bucket.parameters(), bucket.gradients()):
         pre.check_row_gradient(param, grad)  # before the division below: grads are views of the buffer
-        if not pre.sends_rows(param):
-            by_owner[pre.gradient_owner(param)].append(grad)
+        for owner, piece in pre.gradient_pieces(param, grad):  # a layer split into blocks: several owners
+            by_owner[owner].append(piece)
     buffer.div_(comm.world_size)  # all of it, the gradients left local too (see KFACPreconditioner._average_local_gradients)
     futures = []
     for owner, grads in by_owner.items():

@@ -14,11 +14,20 @@ any batch size). For a layer with weight ``W`` (d_g x ...) and optional bias, ``
 - "Locations" are the spatial positions of a convolution, and for a Linear every leading dimension after the
   first: a Linear on a (B, T, d_in) input treats its T positions like a convolution's locations. ``B`` is
   always ``input.shape[0]``.
+
+Blocks (``max_factor_dim``): a layer whose A or G is larger than ``max_factor_dim`` is split into a grid of
+:class:`Block` s of ``[W | b]``, rows ``r0:r1`` (outputs) by columns ``c0:c1`` (inputs, the bias column
+last). Each block is a K-FAC "layer" of its own, with factors ``G_rr`` and ``A_cc`` (the diagonal blocks
+of the layer's G and A) and its own owner: block-diagonal factors, the approximation Distributed Shampoo
+makes for large dimensions, which lets owners share one wide layer's memory and decomposition work.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +38,89 @@ class UnsupportedLayerError(ValueError):
     """A layer that K-FAC cannot precondition exactly; the message names the layer and the fix."""
 
 
+def split_range(size: int, max_size: int | None) -> list[tuple[int, int]]:
+    """``[0, size)`` cut into the fewest consecutive parts of at most ``max_size`` (all: ``None``), their
+    sizes differing by at most one (the larger ones first)."""
+    parts = 1 if max_size is None else max(1, math.ceil(size / max_size))
+    small, extra = divmod(size, parts)
+    bounds, start = [], 0
+    for k in range(parts):
+        end = start + small + int(k < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``r0:r1`` (outputs, G) by columns ``c0:c1`` (inputs, A; the bias is the last column) of a
+    layer's (d_g x d_a) gradient matrix ``[W | b]``."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+
+def block_name(name: str, block: Block) -> str:
+    """How a block of layer ``name`` is named: ``"name[r0:r1,c0:c1]"``."""
+    return f"{name}[{block.r0}:{block.r1},{block.c0}:{block.c1}]"
+
+
+def block_grid(d_g: int, d_a: int, max_factor_dim: int | None) -> list[Block]:
+    """The blocks of a (d_g x d_a) layer whose factors are at most ``max_factor_dim`` (row-major order);
+    one block, the whole layer, when both factors fit (or ``max_factor_dim`` is ``None``)."""
+    return [Block(r0, r1, c0, c1) for r0, r1 in split_range(d_g, max_factor_dim)
+            for c0, c1 in split_range(d_a, max_factor_dim)]
+
+
 class KFACLayer(ABC):
-    """One K-FAC-covered module: builds its factors and reads/writes its gradient as a matrix."""
+    """One K-FAC-covered module, or one :class:`Block` of it: builds its factors and reads/writes its
+    gradient as a matrix. ``d_a``, ``d_g``, the rows and the gradient matrix are the block's."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
+        self.module_name = name
         self.module = module
+        self.block = Block(0, self.weight.shape[0], 0, self._n_w + int(self._module_has_bias))
+
+    def split(self, max_factor_dim: int | None) -> list[KFACLayer]:
+        """This layer as the blocks of :func:`block_grid` (itself when it is one block), named by
+        :func:`block_name`."""
+        blocks = block_grid(self.d_g, self.d_a, max_factor_dim)
+        if len(blocks) == 1:
+            return [self]
+        parts = []
+        for block in blocks:
+            part = copy.copy(self)
+            part.block = block
+            part.name = block_name(self.module_name, block)
+            parts.append(part)
+        return parts
+
+    @property
+    def is_block(self) -> bool:
+        """Whether this is part of its module rather than all of it."""
+        return self.name != self.module_name
+
+    @property
+    def _module_has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def _n_w(self) -> int:
+        """Columns of the whole weight as a matrix (input features x kernel size)."""
+        return self.weight[0].numel()
 
     @property
     def has_bias(self) -> bool:
-        return getattr(self.module, "bias", None) is not None
+        """Whether this layer (block) holds the bias column."""
+        return self._module_has_bias and self.block.c1 == self._n_w + 1
+
+    @property
+    def n_w(self) -> int:
+        """Weight columns of this layer (block): ``d_a`` without the bias column."""
+        return self.d_a - int(self.has_bias)
 
     @property
     def weight(self) -> Tensor:
@@ -49,25 +131,50 @@ class KFACLayer(ABC):
     @property
     def d_g(self) -> int:
         """Size of the output-gradient factor G (output features / channels)."""
-        return self.weight.shape[0]
+        return self.block.r1 - self.block.r0
 
     @property
     def d_a(self) -> int:
         """Size of the input factor A (input features x kernel size, +1 with a bias)."""
-        return self.weight[0].numel() + int(self.has_bias)
+        return self.block.c1 - self.block.c0
 
     @property
     def num_params(self) -> int:
         """Number of parameters preconditioned: d_g * d_a."""
         return self.d_g * self.d_a
 
-    @abstractmethod
-    def input_rows(self, x: Tensor) -> Tensor:
-        """The input as rows (examples x locations, d_in_total), without the bias column."""
+    def params(self) -> list[Tensor]:
+        """The module's parameters this layer (block) reads: the weight, and the bias if it holds it."""
+        return [self.weight, self.module.bias] if self.has_bias else [self.weight]
 
-    @abstractmethod
+    def grad_piece(self, param: Tensor, grad: Tensor) -> Tensor | None:
+        """The part of ``grad`` (a gradient of the module's ``param``, same shape) that this layer
+        (block) covers, as a view; ``None`` if it covers none of it."""
+        b = self.block
+        if param is self.weight:
+            if not self.is_block:
+                return grad
+            return grad.view(grad.shape[0], -1)[b.r0 : b.r1, b.c0 : b.c0 + self.n_w] if self.n_w else None
+        if self.has_bias and param is self.module.bias:
+            return grad[b.r0 : b.r1] if self.is_block else grad
+        return None
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        """The input as rows (examples x locations, ``n_w``): this block's input columns, no bias column."""
+        return self._input_rows(x, self.block.c0, self.block.c0 + self.n_w)
+
     def output_grad_rows(self, gy: Tensor) -> Tensor:
         """The output gradient as rows (examples x locations, d_g), unscaled."""
+        rows = self._output_grad_rows(gy)
+        return rows[:, self.block.r0 : self.block.r1] if self.is_block else rows
+
+    @abstractmethod
+    def _input_rows(self, x: Tensor, c0: int, c1: int) -> Tensor:
+        """Columns ``c0:c1`` of the input as rows (examples x locations, d_in_total)."""
+
+    @abstractmethod
+    def _output_grad_rows(self, gy: Tensor) -> Tensor:
+        """The whole output gradient as rows (examples x locations, outputs)."""
 
     def a_factor(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """``A`` (d_a x d_a, ``dtype``) from one batch of layer inputs ``x``."""
@@ -97,37 +204,42 @@ class KFACLayer(ABC):
         grad = self.weight.grad
         if grad is None:
             return None
-        matrix = grad.reshape(self.d_g, -1)
+        b = self.block
+        matrix = grad.reshape(grad.shape[0], -1)[b.r0 : b.r1, b.c0 : b.c0 + self.n_w]
         if self.has_bias:
             bias_grad = self.module.bias.grad
             if bias_grad is None:
                 bias_grad = torch.zeros_like(self.module.bias)
-            matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
+            matrix = torch.cat([matrix, bias_grad[b.r0 : b.r1].reshape(-1, 1)], dim=1)
         return matrix
 
     def set_grad_matrix(self, matrix: Tensor, scale: Tensor | float = 1.0) -> None:
-        """Write ``scale *`` a (d_g x d_a) matrix back into ``weight.grad`` (and ``bias.grad``)."""
-        weight = self.weight
+        """Write ``scale *`` a (d_g x d_a) matrix back into this layer's (block's) part of ``weight.grad``
+        (and ``bias.grad``)."""
+        weight, b, n_w = self.weight, self.block, self.n_w
         assert weight.grad is not None
-        n_w = weight[0].numel()
         if weight.grad.is_contiguous():
-            torch.mul(matrix[:, :n_w], scale, out=weight.grad.view(self.d_g, n_w))
-        else:
-            weight.grad.copy_((matrix[:, :n_w] * scale).reshape(weight.shape))
+            target = weight.grad.view(weight.shape[0], -1)[b.r0 : b.r1, b.c0 : b.c0 + n_w]
+            torch.mul(matrix[:, :n_w], scale, out=target)
+        else:  # e.g. channels_last: write through a contiguous copy of the whole gradient
+            whole = weight.grad.reshape(weight.shape[0], -1).clone()
+            whole[b.r0 : b.r1, b.c0 : b.c0 + n_w] = matrix[:, :n_w] * scale
+            weight.grad.copy_(whole.view(weight.shape))
         if self.has_bias:
             bias = self.module.bias
             if bias.grad is None:
                 bias.grad = torch.zeros_like(bias)
-            torch.mul(matrix[:, n_w], scale, out=bias.grad)
+            torch.mul(matrix[:, n_w], scale, out=bias.grad[b.r0 : b.r1])
 
 
 class LinearLayer(KFACLayer):
     """``nn.Linear`` on inputs of shape (B, ..., d_in)."""
 
-    def input_rows(self, x: Tensor) -> Tensor:
-        return x.reshape(-1, x.shape[-1])
+    def _input_rows(self, x: Tensor, c0: int, c1: int) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        return rows[:, c0:c1] if c1 - c0 < rows.shape[1] else rows
 
-    def output_grad_rows(self, gy: Tensor) -> Tensor:
+    def _output_grad_rows(self, gy: Tensor) -> Tensor:
         return gy.reshape(-1, gy.shape[-1])
 
 
@@ -180,13 +292,13 @@ class ConvLayer(KFACLayer):
         x = F.pad(x, self._pad, mode=self._mode)
         return F.unfold(x, self._kernel, dilation=self._dilation, stride=self._stride)
 
-    def input_rows(self, x: Tensor) -> Tensor:
+    def _input_rows(self, x: Tensor, c0: int, c1: int) -> Tensor:
         # Rows as the transpose of contiguous columns: the copy moves whole L-runs, and the products
         # rows^T @ rows read contiguous memory.
-        patches = self._patches(x)
+        patches = self._patches(x)[:, c0:c1]
         return patches.permute(1, 0, 2).reshape(patches.shape[1], -1).T
 
-    def output_grad_rows(self, gy: Tensor) -> Tensor:
+    def _output_grad_rows(self, gy: Tensor) -> Tensor:
         return gy.transpose(0, 1).reshape(gy.shape[1], -1).T
 
 
@@ -215,8 +327,10 @@ def make_layer(name: str, module: nn.Module) -> KFACLayer:
     raise TypeError(f"no K-FAC helper for {type(module).__name__}")
 
 
-def discover_layers(model: nn.Module, skip: list[str]) -> tuple[list[KFACLayer], dict[str, str]]:
-    """The covered layers of ``model`` in registration order, and the skipped ones with the reason.
+def discover_layers(model: nn.Module, skip: list[str],
+                    max_factor_dim: int | None = None) -> tuple[list[KFACLayer], dict[str, str]]:
+    """The covered layers of ``model`` in registration order (each split into blocks whose factors are at
+    most ``max_factor_dim``), and the skipped ones with the reason.
 
     ``skip`` holds module names or class names; a name that matches nothing is an error (a typo would
     otherwise silently precondition the layer the user meant to skip).
@@ -237,7 +351,7 @@ def discover_layers(model: nn.Module, skip: list[str]) -> tuple[list[KFACLayer],
         elif not module.weight.requires_grad:
             skipped[name] = "frozen (weight.requires_grad is False)"
         else:
-            layers.append(make_layer(name, module))
+            layers += make_layer(name, module).split(max_factor_dim)
     known = {name for name, _ in model.named_modules()} | {type(m).__name__ for m in model.modules()}
     unknown = sorted(set(skip) - known)
     if unknown:

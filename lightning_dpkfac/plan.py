@@ -63,10 +63,11 @@ METHODS = ("eigen", "inverse")
 
 
 def shapes_of(model: nn.Module, skip_layers: Sequence[str] = (), name: str | None = None,
-              example_input: Tensor | None = None) -> ModelShapes:
-    """The shape table of a live ``model``, with the engine's own layer discovery. Linear layers get
-    ``rows_per_example`` from a forward pass of ``example_input`` (a batch), or 1 without one."""
-    layers, _ = discover_layers(model, list(skip_layers))
+              example_input: Tensor | None = None, max_factor_dim: int | None = None) -> ModelShapes:
+    """The shape table of a live ``model``, with the engine's own layer discovery (and splitting into
+    blocks). Linear layers get ``rows_per_example`` from a forward pass of ``example_input`` (a batch), or
+    1 without one."""
+    layers, _ = discover_layers(model, list(skip_layers), max_factor_dim)
     rows = _rows_per_example(model, layers, example_input)
     covered = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in covered)
@@ -142,11 +143,12 @@ def predict_bytes(
     candidates = [s for s in shapes.shapes if s.rows_per_example > 0]
     if mode == "dpkfac" and gather_rows and p > 1 and candidates and steps > 0:
         out["gradients"] += 2 * f * 16 * len(candidates)  # the first step's vote
-        rows = {s: batch_size * s.rows_per_example for s in candidates} if batch_size else {}
-        chosen = [s for s, r in rows.items() if rows_pay_off(p, r, s.d_a, s.d_g)]
+        # (rows, shape) per layer: a list, since several layers (blocks) may have the same shape
+        rows = [(batch_size * s.rows_per_example, s) for s in candidates] if batch_size else []
+        chosen = [(r, s) for r, s in rows if rows_pay_off(p, r, s.d_a, s.d_g)]
         if chosen:
-            per_step = 2 * f * 8 * len(chosen) + sum(f * rows[s] * (s.d_a + s.d_g) * e_f - f * s.d_g * s.d_a * e
-                                                     for s in chosen)
+            per_step = 2 * f * 8 * len(chosen) + sum(f * r * (s.d_a + s.d_g) * e_f - f * s.d_g * s.d_a * e
+                                                     for r, s in chosen)
             out["gradients"] += per_step * (steps - 1)
     return out
 
@@ -321,11 +323,13 @@ def format_plan(
     return "\n".join(out)
 
 
-def load_shapes(spec: str, skip_layers: Sequence[str] = (), input_shape: Sequence[int] | None = None) -> ModelShapes:
+def load_shapes(spec: str, skip_layers: Sequence[str] = (), input_shape: Sequence[int] | None = None,
+                max_factor_dim: int | None = None) -> ModelShapes:
     """A built-in table by name, or ``package.module:factory`` called with no arguments (with
-    ``input_shape``, one example's shape, a forward pass counts each Linear layer's rows per example)."""
+    ``input_shape``, one example's shape, a forward pass counts each Linear layer's rows per example);
+    layers split into blocks of at most ``max_factor_dim`` as the engine splits them."""
     if spec in BUILTIN:
-        return BUILTIN[spec]()
+        return BUILTIN[spec]().split(max_factor_dim)
     module_name, sep, attr = spec.partition(":")
     if not sep:
         raise ValueError(f"model {spec!r} is neither a built-in table ({', '.join(BUILTIN)}) nor "
@@ -335,7 +339,7 @@ def load_shapes(spec: str, skip_layers: Sequence[str] = (), input_shape: Sequenc
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, not an nn.Module.")
     example = torch.zeros(2, *input_shape) if input_shape else None
-    return shapes_of(model, skip_layers, name=spec, example_input=example)
+    return shapes_of(model, skip_layers, name=spec, example_input=example, max_factor_dim=max_factor_dim)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -353,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--input-shape", type=int, nargs="+", default=None,
                         help="one example's shape, for a factory model (e.g. 16 512): counts rows of Linear "
                              "layers on N-D inputs (default: one row per example)")
+    parser.add_argument("--max-factor-dim", type=int, default=None,
+                        help="split layers into blocks with factors of at most this size (KFACConfig.max_factor_dim)")
     parser.add_argument("--paper", action="store_true", help="print the comparison with the paper's 64-GPU ratios")
     args = parser.parse_args(argv)
     if not 1 <= args.world_size <= 1024:
@@ -360,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.paper:
         report = format_paper_comparison(args.world_size)
     else:
-        report = format_plan(load_shapes(args.model, args.skip_layers, args.input_shape), args.world_size,
+        shapes = load_shapes(args.model, args.skip_layers, args.input_shape, args.max_factor_dim)
+        report = format_plan(shapes, args.world_size,
                              factor_update_steps=args.factor_update_steps, inv_update_steps=args.inv_update_steps,
                              method=args.method, batch_size=args.batch_size)
     print(report)

@@ -117,7 +117,7 @@ class KFACPreconditioner:
         self.model = model
         self.comm = Communicator(process_group, int(self.config.bucket_cap_mb * 2**20))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.layers, self.skipped = discover_layers(model, self.config.skip_layers)
+        self.layers, self.skipped = discover_layers(model, self.config.skip_layers, self.config.max_factor_dim)
         self.costs = [layer_cost(LayerShape(l.d_a, l.d_g), self.config.inv_update_steps) for l in self.layers]
         self.owners = assign_owners(self.costs, self.world_size)
         self._layers_of = {r: [i for i, o in enumerate(self.owners) if o == r] for r in range(self.world_size)}
@@ -136,9 +136,10 @@ class KFACPreconditioner:
             for i, layer in enumerate(self.layers)
             if self._builds_factors(i)
         }
-        self._param_owner = {
-            id(p): owner for layer, owner in zip(self.layers, self.owners) for p in layer.module.parameters(recurse=False)
-        }
+        self._layers_of_param: dict[int, list[int]] = defaultdict(list)  # id(param) -> its layers (blocks)
+        for i, layer in enumerate(self.layers):
+            for p in layer.params():
+                self._layers_of_param[id(p)].append(i)
         # Row gathering: started by register_ddp_comm_hook in dpkfac (see lightning_dpkfac.rows).
         self._rows = RowGatherer(self.layers, self.owners, self.comm)
         self._handles: list[RemovableHandle] = []
@@ -183,10 +184,10 @@ class KFACPreconditioner:
         lines = [f"K-FAC ({self.config.mode}, {self.config.method}) on {len(self.layers)} layers, "
                  f"{self.world_size} rank(s), load max/mean {self.load_imbalance():.3f}:"]
         for layer, owner in zip(self.layers, self.owners):
-            lines.append(f"  {layer.name:<32} {type(layer.module).__name__:<8} A {layer.d_a:>5}  "
+            lines.append(f"  {layer.name:<40} {type(layer.module).__name__:<8} A {layer.d_a:>5}  "
                          f"G {layer.d_g:>5}  owner {owner}")
         for name, reason in self.skipped.items():
-            lines.append(f"  {name:<32} plain gradient: {reason}")
+            lines.append(f"  {name:<40} plain gradient: {reason}")
         return "\n".join(lines)
 
     def load_imbalance(self) -> float:
@@ -250,13 +251,19 @@ class KFACPreconditioner:
             )
         self._awaiting_step = is_last
 
-    def gradient_owner(self, param: Tensor) -> int | None:
-        """The rank that owns ``param``'s gradient (a K-FAC layer's weight or bias), or None."""
-        return self._param_owner.get(id(param))
-
-    def sends_rows(self, param: Tensor) -> bool:
-        """Whether ``param``'s gradient stays local because its owner gathers the layer's rows instead."""
-        return self._rows.sends_rows(param)
+    def gradient_pieces(self, param: Tensor, grad: Tensor) -> list[tuple[int | None, Tensor]]:
+        """Where the owner-reduce hook sends ``grad`` (``param``'s gradient): ``[(None, grad)]`` (all-reduce)
+        for a parameter outside the K-FAC layers, else ``(owner, piece)`` for each layer (block) that reads
+        it, except the layers whose owner gathers their rows instead (their piece stays local)."""
+        layers = self._layers_of_param.get(id(param))
+        if layers is None:
+            return [(None, grad)]
+        pieces = []
+        for i in layers:
+            piece = self.layers[i].grad_piece(param, grad)
+            if piece is not None and not self._rows.gathers(i):
+                pieces.append((self.owners[i], piece))
+        return pieces
 
     def check_row_gradient(self, param: Tensor, grad: Tensor) -> None:
         """During the first step, record whether this rank's gradient of ``param`` equals ``g^T a``."""
@@ -322,7 +329,7 @@ class KFACPreconditioner:
                                 f"A {layer.d_a}x{layer.d_a}, G {layer.d_g}x{layer.d_g} in the model")
         if problems:
             raise ValueError("The K-FAC state in the checkpoint does not match this model: " + "; ".join(problems)
-                             + ". Was it saved from another model or with other skip_layers?")
+                             + ". Was it saved from another model or with other skip_layers or max_factor_dim?")
         same_method = state["method"] == self.config.method
         for i, s in self._states.items():
             entry, device = saved[self.layers[i].name], self.layers[i].weight.device

@@ -79,7 +79,7 @@ class RowCapture:
 
     def _on_output_grad(self, call: int, grad: Tensor) -> None:
         if call < len(self._inputs):  # else dropped by a candidate with too many rows
-            self._grads[call] = grad.detach().reshape(-1, grad.shape[-1])
+            self._grads[call] = self.layer.output_grad_rows(grad.detach())
 
     @property
     def holds_rows(self) -> bool:
@@ -100,7 +100,7 @@ class RowCapture:
 
     def write_rows(self, out: Tensor) -> None:
         """Write ``[a | g]`` into ``out`` (at least R rows, d_a + d_g columns); rows past R become zeros."""
-        d_in, start = self.layer.d_a - int(self.layer.has_bias), 0
+        d_in, start = self.layer.n_w, 0
         for call in sorted(self._grads):
             g = self._grads[call]
             block = out[start : start + g.shape[0]]
@@ -112,12 +112,13 @@ class RowCapture:
         out[start:].zero_()
 
     def gradient_matches(self, param: Tensor, grad: Tensor) -> bool:
-        """Whether ``grad`` (this rank's gradient of the layer's weight or bias) equals ``g^T a``."""
+        """Whether ``grad`` (this rank's gradient of the layer's weight or bias: its block's piece of it)
+        equals ``g^T a``."""
         if self._counted:  # a candidate that stopped keeping its rows: it will not gather them anyway
             return False
         a, g = self.rows(torch.promote_types(grad.dtype, torch.float32))
         full = g.T @ a
-        n_w = self.layer.weight[0].numel()
+        n_w = self.layer.n_w
         expected = (full[:, n_w] if param is not self.layer.weight else full[:, :n_w]).reshape(grad.shape)
         scale = expected.norm() + grad.to(expected.dtype).norm()
         return bool((expected - grad.to(expected.dtype)).norm() <= MATCH_TOLERANCE * scale + 1e-30)
@@ -146,9 +147,12 @@ class RowGatherer:
         self.chosen: list[int] = []  # indices of the layers whose owner gathers rows, not the gradient
         self.deciding = False
         self.restored: list[str] | None = None  # a checkpoint's decision, adopted instead of deciding
-        self._checks: dict[int, bool] = {}  # id(param) -> its gradient was g^T a on this rank
-        self._chosen_params: set[int] = set()
-        self._layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.module.parameters(recurse=False)}
+        self._checks: dict[tuple[int, int], bool] = {}  # (layer, id(param)) -> its gradient was g^T a here
+        self._chosen: set[int] = set()
+        self._layers_of: dict[int, list[int]] = {}  # id(param) -> the layers (blocks) that read it
+        for i, layer in enumerate(layers):
+            for p in layer.params():
+                self._layers_of.setdefault(id(p), []).append(i)
 
     def start(self) -> None:
         """Capture the rows of every Linear layer during the next step, or adopt :attr:`restored`."""
@@ -166,23 +170,23 @@ class RowGatherer:
             index = {layer.name: i for i, layer in enumerate(self.layers)}
             self._adopt([index[name] for name in names])
 
-    def sends_rows(self, param: Tensor) -> bool:
-        """Whether ``param``'s gradient stays local because its owner gathers the layer's rows instead."""
-        return id(param) in self._chosen_params
+    def gathers(self, index: int) -> bool:
+        """Whether layer ``index``'s gradient stays local because its owner gathers its rows instead."""
+        return index in self._chosen
 
     def check(self, param: Tensor, grad: Tensor) -> None:
-        """While deciding, record whether this rank's gradient of ``param`` equals ``g^T a``."""
+        """While deciding, record whether this rank's gradient of ``param`` equals ``g^T a`` (per block)."""
         if self.deciding:
-            index = self._layer_of.get(id(param))
-            if index in self.captures:
-                self._checks[id(param)] = self.captures[index].gradient_matches(param, grad)
+            for i in self._layers_of.get(id(param), []):
+                piece = self.layers[i].grad_piece(param, grad)
+                if i in self.captures and piece is not None:
+                    self._checks[(i, id(param))] = self.captures[i].gradient_matches(param, piece)
 
     def decide(self) -> None:
         """Collective, once: keep the layers where :func:`rows_pay_off` at the largest row count of any
         rank and every rank saw its gradient equal ``g^T a``."""
         candidates = sorted(self.captures)
-        params = {i: [id(p) for p in self.layers[i].module.parameters(recurse=False)] for i in candidates}
-        failed = [float(not all(self._checks.get(p, False) for p in params[i])) for i in candidates]
+        failed = [float(not all(self._checks.get((i, id(p)), False) for p in self._read_params(i))) for i in candidates]
         counts = [float(self.captures[i].num_rows()) for i in candidates]
         votes = torch.tensor(counts + failed, dtype=torch.float64, device=self.layers[0].weight.device)
         self.comm.all_reduce_max([votes], "gradients")
@@ -193,6 +197,11 @@ class RowGatherer:
         if self.chosen:
             log.info("dpkfac gathers the rows of %s instead of their gradients", [self.layers[i].name for i in self.chosen])
 
+    def _read_params(self, index: int) -> list[Tensor]:
+        """The parameters of which layer ``index`` reads a (non-empty) piece."""
+        layer = self.layers[index]
+        return [p for p in layer.params() if p is not layer.weight or layer.n_w > 0]
+
     def _adopt(self, chosen: list[int]) -> None:
         for i in list(self.captures):
             if i in chosen:
@@ -201,7 +210,7 @@ class RowGatherer:
             else:
                 self.captures.pop(i).remove()
         self.chosen = sorted(chosen)
-        self._chosen_params = {id(p) for i in chosen for p in self.layers[i].module.parameters(recurse=False)}
+        self._chosen = set(chosen)
         self.deciding = False
         self._checks.clear()
 
@@ -239,5 +248,5 @@ class RowGatherer:
         for capture in self.captures.values():
             capture.remove()
         self.captures.clear()
-        self.chosen, self._chosen_params, self.deciding = [], set(), False
+        self.chosen, self._chosen, self.deciding = [], set(), False
 

@@ -21,10 +21,12 @@ models' Linear layers see B x T rows, far more than their gradient at any practi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightning_dpkfac.assignment import LayerShape
+from lightning_dpkfac.layers import block_grid, block_name
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,17 @@ class ModelShapes:
     layers: tuple[tuple[str, LayerShape], ...]
     other_params: int
     element_size: int = 4
+
+    def split(self, max_factor_dim: int | None) -> ModelShapes:
+        """The table with each layer split into blocks as the engine splits it (``layers.block_grid``)."""
+        layers = []
+        for name, shape in self.layers:
+            blocks = block_grid(shape.d_g, shape.d_a, max_factor_dim)
+            if len(blocks) == 1:
+                layers.append((name, shape))
+                continue
+            layers += [(block_name(name, b), LayerShape(b.c1 - b.c0, b.r1 - b.r0, shape.rows_per_example)) for b in blocks]
+        return dataclasses.replace(self, layers=tuple(layers))
 
     @property
     def shapes(self) -> list[LayerShape]:

@@ -88,3 +88,12 @@ def test_row_gathering_trains_like_reducing_gradients_under_lightning(tmp_path: 
     for name, value in grads["params"].items():
         assert torch.allclose(rows["params"][name], value, rtol=1e-9, atol=1e-12), name
 
+
+
+def test_blocks_of_one_layer_train_on_both_ranks_under_lightning(tmp_path: Path) -> None:
+    """max_factor_dim=24 cuts the 64 -> 32 layer (A 65, G 32) into 3 x 2 blocks and the head into 2."""
+    result = fit(tmp_path, "blocks", "--devices", "2", "--max-factor-dim", "24")
+    first = {name: owner for name, owner in result["owners"].items() if name.startswith("net.1[")}
+    assert len(first) == 6 and set(first.values()) == {0, 1}, result["owners"]
+    losses = [result["losses"][step] for step in sorted(result["losses"])]
+    assert result["kfac_steps"] == STEPS_PER_EPOCH[2] and sum(losses[-5:]) < 0.5 * sum(losses[:5])

@@ -20,6 +20,7 @@ from lightning_dpkfac.comm import KINDS, Communicator, counting_all_reduce_hook
 from lightning_dpkfac.plan import (
     bytes_per_step,
     main,
+    owner_imbalance,
     owner_map,
     paper_comparison,
     predict_bytes,
@@ -136,6 +137,26 @@ def test_cli_takes_an_importable_model_factory() -> None:
     assert report.startswith("lightning_dpkfac.models:cnn: 4 K-FAC layers")
 
 
+def test_a_split_table_equals_the_engines_own_blocks() -> None:
+    assert shapes_of(make_model()).split(40) == shapes_of(make_model(), max_factor_dim=40)
+    assert shapes_of(make_model()).split(None) == shapes_of(make_model())
+
+
+def test_blocks_balance_resnet50_owners_and_memory_on_64_ranks() -> None:
+    whole, split = resnet50(), resnet50().split(512)
+    assert split.covered_params == whole.covered_params and len(split.layers) > len(whole.layers)
+    assert owner_imbalance(split, 64) < 0.5 * owner_imbalance(whole, 64)
+    largest = {name: max(sum(r.values()) for r in predict_state_bytes(shapes, 64, "dpkfac"))
+               for name, shapes in (("whole", whole), ("split", split))}
+    assert largest["split"] < 0.5 * largest["whole"]
+
+
+def test_cli_splits_layers_into_blocks(capsys) -> None:
+    report = main(["lightning_dpkfac.models:cnn", "-P", "2", "--max-factor-dim", "256"])
+    assert report.startswith("lightning_dpkfac.models:cnn: 6 K-FAC layers")  # the 512 -> 64 Linear: 3 blocks
+    assert all(f"6[0:64,{c0}:{c1}]" in report for c0, c1 in ((0, 171), (171, 342), (342, 513)))
+
+
 def test_cli_refuses_more_than_1024_ranks() -> None:
     with pytest.raises(SystemExit):
         main(["resnet50", "-P", "1025"])
@@ -160,12 +181,17 @@ def make_wide_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(40, 30), nn.LayerNorm(30), nn.Linear(30, 3))
 
 
-#: name -> (model factory, shape of one rank's batch)
-MODELS = {"conv": (make_model, (6, 2, 5, 5)), "wide": (make_wide_model, (3, 40))}
+#: name -> (model factory, shape of one rank's batch, max_factor_dim)
+MODELS = {
+    "conv": (make_model, (6, 2, 5, 5), None),
+    "wide": (make_wide_model, (3, 40), None),
+    "conv_blocks": (make_model, (6, 2, 5, 5), 40),  # the Linear's A (101) in three blocks
+    "wide_blocks": (make_wide_model, (3, 40), 16),  # six blocks, each gathering its rows
+}
 
 
 def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
-    make, batch_shape = MODELS[model_name]
+    make, batch_shape, max_factor_dim = MODELS[model_name]
     model = make()
     ddp = DistributedDataParallel(model)
     if mode == "ddp":
@@ -173,7 +199,7 @@ def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
         ddp.register_comm_hook(comm, counting_all_reduce_hook)
         pre = None
     else:
-        pre = KFACPreconditioner(model, mode=mode, **HP)
+        pre = KFACPreconditioner(model, mode=mode, max_factor_dim=max_factor_dim, **HP)
         pre.register_ddp_comm_hook(ddp)
     capture = None
     for step in range(STEPS):
@@ -198,8 +224,8 @@ def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("mode", ["ddp", "dkfac", "dpkfac"])
 def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mode: str, model_name: str) -> None:
-    make, batch_shape = MODELS[model_name]
-    shapes = shapes_of(make())
+    make, batch_shape, max_factor_dim = MODELS[model_name]
+    shapes = shapes_of(make(), max_factor_dim=max_factor_dim)
     predicted = predict_bytes(shapes, world_size, mode, factor_update_steps=HP["factor_update_steps"], steps=STEPS,
                               inv_update_steps=HP["inv_update_steps"],
                               batch_size=batch_shape[0])
@@ -209,8 +235,9 @@ def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mo
             assert measured["owners"] == owner_map(shapes, world_size, HP["inv_update_steps"])
             state = predict_state_bytes(shapes, world_size, mode, inv_update_steps=HP["inv_update_steps"])
             assert measured["state"] == state[rank], f"rank {rank}"
-        gathers = mode == "dpkfac" and world_size > 1 and model_name == "wide"
-        assert measured["row_layers"] == (["0"] if gathers else [])
+        gathers = mode == "dpkfac" and world_size > 1 and model_name.startswith("wide")
+        first_layer = [name for name, _ in shapes.layers if name == "0" or name.startswith("0[")]
+        assert measured["row_layers"] == (first_layer if gathers else [])
 
 
 def test_shapes_count_token_rows_from_an_example_batch() -> None:

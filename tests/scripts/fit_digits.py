@@ -5,7 +5,7 @@ Run as a subprocess (Lightning's launcher re-runs this command line for the othe
     python tests/scripts/fit_digits.py --devices 2 --epochs 3 --ckpt-dir D [--resume D/epoch=0.ckpt]
         [--out result.pt] [--kill-rank 1 --kill-at-step 12] [--precision bf16-mixed] [--accumulate 2]
         [--clip 1e-3 --momentum 0 --lr 1] [--manual] [--num-nodes 2]
-        [--hidden 256 --batch-size 8 --gather-rows 0]
+        [--hidden 256 --batch-size 8 --gather-rows 0] [--max-factor-dim 24]
 
 Rank 0 writes ``--out``: final parameters, per-step training losses, every rank's K-FAC factors as they
 were right after the checkpoint was restored (before any training step), the factor dtype, the number of
@@ -100,12 +100,14 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--gather-rows", type=int, default=1)
+    p.add_argument("--max-factor-dim", type=int, default=None)
     args = p.parse_args()
 
     pl.seed_everything(0, workers=True)
     recorder = Recorder(args.kill_rank, args.kill_at_step)
     strategy = lightning_dpkfac.DPKFACStrategy(
-        damping=1e-2, inv_update_steps=7, gather_rows=bool(args.gather_rows), timeout=timedelta(seconds=args.timeout_s)
+        damping=1e-2, inv_update_steps=7, gather_rows=bool(args.gather_rows), max_factor_dim=args.max_factor_dim,
+        timeout=timedelta(seconds=args.timeout_s),
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
