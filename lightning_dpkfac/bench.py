@@ -357,9 +357,10 @@ def summarize_step_trials(
     timing: Sequence[tuple[StepTrial, list[dict[str, Any]]]],
     memory: Sequence[tuple[StepTrial, list[dict[str, Any]]]],
     world_size: int,
+    blocks: Sequence[tuple[StepTrial, list[dict[str, Any]]]] = (),
 ) -> dict[str, Any]:
     """The ``step_time`` section of the schema: repetitions pooled per (model, strategy); peak memory
-    from the single-strategy ``memory`` trials."""
+    from the single-strategy ``memory`` trials; K-FAC state with layers split from the ``blocks`` trials."""
     pooled: dict[str, dict[str, dict[str, Any]]] = {}
     for trial, ranks in timing:
         for strategy in trial.strategies:
@@ -369,9 +370,8 @@ def summarize_step_trials(
                 entry["steps"].append(statistics.fmean(r["per_step"][i]["step"] for r in per_rank))
                 entry["phases"].append({p: statistics.fmean(r["per_step"][i][p] for r in per_rank) for p in PHASES})
             entry.update(trial=trial, last=per_rank)
-    rss = {(t.model, t.strategies[0]): ranks for t, ranks in memory if t.kfac.max_factor_dim is None}
-    blocks = {(t.model, t.strategies[0]): (t.kfac.max_factor_dim, ranks) for t, ranks in memory
-              if t.kfac.max_factor_dim is not None}
+    rss = {(t.model, t.strategies[0]): ranks for t, ranks in memory}
+    split_state = {(t.model, t.strategies[0]): (t.kfac.max_factor_dim, ranks) for t, ranks in blocks}
     out: dict[str, Any] = {}
     for model, strategies in pooled.items():
         make_net, _ = STEP_MODELS[model]
@@ -406,7 +406,7 @@ def summarize_step_trials(
                        "other_params": shapes.other_params},
             "strategies": section,
         }
-        split = {s: v for (m, s), v in blocks.items() if m == model}
+        split = {s: v for (m, s), v in split_state.items() if m == model}
         if split:
             block_dim = next(iter(split.values()))[0]
             out[model]["blocks"] = {
@@ -481,7 +481,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-factor-dim", type=int, default=None,
                    help="KFACConfig.max_factor_dim of every K-FAC trial (default: whole layers)")
     p.add_argument("--block-dim", type=int, default=256,
-                   help="the memory trials also run dkfac and dpkfac with max_factor_dim=BLOCK_DIM (0: not)")
+                   help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM (0: not; "
+                        "skipped under --max-factor-dim)")
     p.add_argument("--step-method", choices=["eigen", "inverse"], default="inverse",
                    help="K-FAC decomposition in the step-time trials (inverse: ~1.4x faster steps on the MLP)")
     p.add_argument("--train-method", choices=["eigen", "inverse"], default="eigen",
@@ -506,7 +507,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     kfac = KFACSettings(damping=args.damping, factor_update_steps=args.factor_update_steps,
                         inv_update_steps=args.inv_update_steps, method=args.step_method,
                         max_factor_dim=args.max_factor_dim)
-    kfac_blocks = KFACSettings(**{**asdict(kfac), "max_factor_dim": args.block_dim}) if args.block_dim else None
+    # Unless every trial splits already (--max-factor-dim), K-FAC state is also measured with blocks.
+    splits = args.block_dim and args.max_factor_dim is None
+    kfac_blocks = KFACSettings(**{**asdict(kfac), "max_factor_dim": args.block_dim}) if splits else None
     kfac_train = KFACSettings(**{**asdict(kfac), "method": args.train_method})
     load_start = os.getloadavg()
 
@@ -521,13 +524,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                      for m in args.models for rep in range(args.reps)],
                     step_worker, lambda t: f"step time: {t.model}, repetition {t.seed}")
     # Peak memory needs a process per strategy; one inversion and two factor updates are enough.
-    # With blocks (--block-dim), K-FAC state only: how far splitting wide layers balances memory.
     memory = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac)
-                     for m in args.models for s in STEP_STRATEGIES]
-                    + [StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac_blocks)
-                       for m in args.models for s in ("dkfac", "dpkfac") if kfac_blocks is not None],
-                    step_worker, lambda t: f"peak memory: {t.model}, {t.strategies[0]}"
-                    + (f", max_factor_dim {t.kfac.max_factor_dim}" if t.kfac.max_factor_dim else ""))
+                     for m in args.models for s in STEP_STRATEGIES],
+                    step_worker, lambda t: f"peak memory: {t.model}, {t.strategies[0]}")
+    # K-FAC state with every layer split into blocks (--block-dim): how far blocks balance memory.
+    blocks = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac_blocks)
+                     for m in args.models for s in ("dkfac", "dpkfac")] if kfac_blocks is not None else [],
+                    step_worker, lambda t: f"K-FAC state with blocks of at most {t.kfac.max_factor_dim}: "
+                                           f"{t.model}, {t.strategies[0]}")
     training = trials([TrainTrial(t, TRAIN_STRATEGIES, seed, args.epochs or EPOCHS[t], args.batch_size, args.lr,
                                   args.adam_lr, args.kfac_lr, kfac_train) for t in args.tasks for seed in args.seeds],
                       train_worker, lambda t: f"convergence: {t.task}, seed {t.seed}")
@@ -544,7 +548,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             "loadavg_end": os.getloadavg(),
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "step_time": summarize_step_trials(timing, memory, args.world_size),
+        "step_time": summarize_step_trials(timing, memory, args.world_size, blocks),
         "convergence": summarize_train_trials(training, TARGETS),
     }
     results["goals"] = evaluate_goals(results)

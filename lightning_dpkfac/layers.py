@@ -90,6 +90,13 @@ class KFACLayer(ABC):
         blocks = block_grid(self.d_g, self.d_a, max_factor_dim)
         if len(blocks) == 1:
             return [self]
+        if not self.weight.is_contiguous():
+            raise UnsupportedLayerError(
+                f"Layer '{self.name}' would be split into {len(blocks)} blocks (max_factor_dim={max_factor_dim}), "
+                "but its weight is not contiguous (e.g. channels_last), and blocks are reduced as views of its "
+                f"gradient. Fix: raise max_factor_dim to {max(self.d_a, self.d_g)}, keep the weight contiguous, "
+                f"or add '{self.name}' to skip_layers."
+            )
         parts = []
         for block in blocks:
             part = copy.copy(self)

@@ -46,6 +46,18 @@ def test_measured_bytes_per_step_equal_the_planners_prediction(tiny_run) -> None
     assert results["step_time"]["mlp"]["strategies"]["dpkfac"]["bytes_per_step"]["factors"] == 0.0
 
 
+def test_memory_is_also_measured_with_every_layer_split_into_blocks(tiny_run) -> None:
+    _, results = tiny_run
+    model = results["step_time"]["mlp"]
+    blocks = model["blocks"]
+    assert blocks["max_factor_dim"] == 256 and blocks["layers"] > model["shapes"]["layers"]
+    assert set(blocks["strategies"]) == {"dkfac", "dpkfac"}
+    largest = {name: max(sum(r.values()) for r in s["dpkfac"]["state_bytes"])
+               for name, s in (("whole", model["strategies"]), ("blocks", blocks["strategies"]))}
+    assert largest["blocks"] < largest["whole"]
+    assert any("blocks of at most 256" in g["goal"] for g in results["goals"])
+
+
 def test_convergence_curves_and_summary_for_all_four_strategies(tiny_run) -> None:
     _, results = tiny_run
     digits = results["convergence"]["digits"]

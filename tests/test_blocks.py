@@ -45,6 +45,13 @@ def test_a_wide_layer_becomes_named_blocks_with_the_bias_in_the_last_column() ->
     assert sum(layer.num_params for layer in pre.layers) == sum(p.numel() for p in model.parameters())
 
 
+def test_a_non_contiguous_weight_that_needs_splitting_is_refused_naming_the_layer_and_the_fix() -> None:
+    model = nn.Sequential(nn.Conv2d(8, 4, 3)).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"Layer '0' would be split into 3 blocks .* raise max_factor_dim to 73"):
+        KFACPreconditioner(model, max_factor_dim=32)
+    KFACPreconditioner(model, max_factor_dim=73)  # one block: no view of the gradient needed
+
+
 @pytest.mark.parametrize("value", [1, 0, 2.5, True, "64"])
 def test_max_factor_dim_must_be_none_or_an_integer_of_at_least_two(value: object) -> None:
     with pytest.raises(ValueError, match="max_factor_dim"):

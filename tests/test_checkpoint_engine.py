@@ -34,13 +34,14 @@ def train(model: nn.Module, pre: KFACPreconditioner, steps: range, ddp: nn.Modul
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_resumed_engine_continues_bit_identically() -> None:
+@pytest.mark.parametrize("max_factor_dim", [None, 4])
+def test_resumed_engine_continues_bit_identically(max_factor_dim: int | None) -> None:
     model_a = make_model()
-    pre_a = KFACPreconditioner(model_a, **HP)
+    pre_a = KFACPreconditioner(model_a, max_factor_dim=max_factor_dim, **HP)
     train(model_a, pre_a, range(4))  # step 4 is not a decomposition step: the saved one must be used
     model_b = make_model()
     model_b.load_state_dict(model_a.state_dict())
-    pre_b = KFACPreconditioner(model_b, **HP)
+    pre_b = KFACPreconditioner(model_b, max_factor_dim=max_factor_dim, **HP)
     pre_b.load_state_dict(pre_a.state_dict())
     grads_a, grads_b = train(model_a, pre_a, range(4, 8)), train(model_b, pre_b, range(4, 8))
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
@@ -67,6 +68,8 @@ def test_state_of_another_model_is_refused_naming_the_mismatch() -> None:
         KFACPreconditioner(other, **HP).load_state_dict(pre.state_dict())
     with pytest.raises(ValueError, match=r"unexpected layer '4'.*other skip_layers"):
         KFACPreconditioner(model, skip_layers=["4"], **HP).load_state_dict(pre.state_dict())
+    with pytest.raises(ValueError, match=r"missing layer '0\[0:4,0:4\]'.*or max_factor_dim"):
+        KFACPreconditioner(model, max_factor_dim=4, **HP).load_state_dict(pre.state_dict())
 
 
 def test_changing_method_on_resume_rebuilds_the_decompositions() -> None:

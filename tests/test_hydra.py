@@ -114,9 +114,12 @@ def test_the_dpkfac_schema_is_kfac_config_plus_ddp_keywords() -> None:
 
 
 def test_a_kfac_override_reaches_the_strategy(compose_config: Callable[..., DictConfig]) -> None:
-    cfg = compose_config("strategy.damping=3e-3", "strategy.inv_update_steps=50", "strategy.skip_layers=[net.0]")
+    cfg = compose_config("strategy.damping=3e-3", "strategy.inv_update_steps=50", "strategy.skip_layers=[net.0]",
+                         "strategy.max_factor_dim=256")
     config = instantiate(cfg.strategy).kfac_config
     assert (config.damping, config.inv_update_steps, config.skip_layers) == (3e-3, 50, ["net.0"])
+    assert config.max_factor_dim == 256
+    assert instantiate(compose_config("strategy.max_factor_dim=null").strategy).kfac_config.max_factor_dim is None
 
 
 def test_a_typo_in_a_kfac_key_fails_with_hydras_error_naming_the_key(

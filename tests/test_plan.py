@@ -157,6 +157,12 @@ def test_cli_splits_layers_into_blocks(capsys) -> None:
     assert all(f"6[0:64,{c0}:{c1}]" in report for c0, c1 in ((0, 171), (171, 342), (342, 513)))
 
 
+def test_paper_report_shows_how_blocks_balance_the_64_rank_owner_map() -> None:
+    report = main(["--paper"])
+    assert "| ResNet-50 | whole layers | 54 | 11.35 | 10 |" in report
+    assert "| ResNet-50 | 512 | 157 | 1.04 | 0 |" in report
+
+
 def test_cli_refuses_more_than_1024_ranks() -> None:
     with pytest.raises(SystemExit):
         main(["resnet50", "-P", "1025"])
