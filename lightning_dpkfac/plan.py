@@ -301,6 +301,7 @@ def format_plan(
     owners = owner_map(shapes, world_size, inv_update_steps)
     costs = _costs(shapes, inv_update_steps)
     idle = world_size - len(set(owners))
+    width = max([36] + [len(name) for name, _ in shapes.layers[:max_rows]])
     out = [
         f"{shapes.name}: {len(shapes.layers)} K-FAC layers, N = {shapes.covered_params:,} covered parameters, "
         f"N_o = {shapes.other_params:,} others, F = {shapes.factor_elements:,} factor elements; P = {world_size}, "
@@ -308,14 +309,14 @@ def format_plan(
         "",
         f"Owner map (greedy over assignment.layer_cost; load max/mean "
         f"{load_imbalance(costs, owners, world_size):.3f}; {idle} of {world_size} ranks own nothing):",
-        f"  {'layer':<36} {'d_a':>6} {'d_g':>6} {'cost %':>7} {'owner':>6}",
+        f"  {'layer':<{width}} {'d_a':>6} {'d_g':>6} {'cost %':>7} {'owner':>6}",
     ]
     total_cost = sum(costs) or 1.0
     for i, ((name, s), owner) in enumerate(zip(shapes.layers, owners)):
         if i == max_rows:
             out.append(f"  ... {len(owners) - max_rows} more layers")
             break
-        out.append(f"  {name:<36} {s.d_a:>6} {s.d_g:>6} {100 * costs[i] / total_cost:>6.1f}% {owner:>6}")
+        out.append(f"  {name:<{width}} {s.d_a:>6} {s.d_g:>6} {100 * costs[i] / total_cost:>6.1f}% {owner:>6}")
 
     per_step = {m: bytes_per_step(shapes, world_size, m, factor_update_steps=factor_update_steps,
                                   inv_update_steps=inv_update_steps, method=method, batch_size=batch_size)
