@@ -52,6 +52,9 @@ accuracy vs training wall time).
   ``final_acc``}; ``summary[s]``: {``time_to_target_s``, ``epochs_to_target``, ``final_acc``} each
   {``median``, ``min``, ``max``} over the seeds (a seed that never reached the target counts as
   infinite: null), and ``reached`` ("k/n").
+- ``paper_ratios[model]``: dkfac over dpkfac per rank and step, the paper's three figures:
+  ``computation`` (factor + inverse + precondition seconds), ``communication`` (bytes), ``kfac_memory``
+  (largest per-rank K-FAC state) and ``peak_rss`` (``bench_report.paper_ratios``).
 - ``goals``: [{``goal``, ``value``, ``limit``, ``met``}] (see :mod:`lightning_dpkfac.bench_report`).
 """
 
@@ -78,7 +81,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_dpkfac import models
-from lightning_dpkfac.bench_report import evaluate_goals, write_markdown, write_plots
+from lightning_dpkfac.bench_report import evaluate_goals, paper_ratios, write_markdown, write_plots
 from lightning_dpkfac.comm import KINDS, Communicator, counting_all_reduce_hook
 from lightning_dpkfac.data import DigitsDataModule, MNIST1DDataModule
 from lightning_dpkfac.plan import predict_bytes, shapes_of
@@ -553,6 +556,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         "step_time": summarize_step_trials(timing, memory, args.world_size, blocks),
         "convergence": summarize_train_trials(training, TARGETS),
     }
+    results["paper_ratios"] = {name: r for name, model in results["step_time"].items()
+                               if (r := paper_ratios(model)) is not None}
     results["goals"] = evaluate_goals(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -34,6 +34,31 @@ def _total(bytes_by_kind: dict[str, float]) -> float:
     return sum(bytes_by_kind.get(k, 0.0) for k in KINDS)
 
 
+#: The paper's measured ranges (64 GPUs, per second-order update), D-KFAC over DP-KFAC.
+PAPER_RATIOS = {"computation": (1.55, 1.65), "communication": (2.79, 3.15), "memory": (1.14, 1.47)}
+
+
+def paper_ratios(model: dict[str, Any]) -> dict[str, float] | None:
+    """dkfac over dpkfac, per rank and step, for one model's ``step_time`` section: ``computation`` (mean
+    seconds in factor + inverse + precondition, averaged over ranks), ``communication`` (bytes sent),
+    ``kfac_memory`` (largest per-rank K-FAC state) and ``peak_rss`` (largest peak process memory, which
+    includes the ~370 MB of Python and torch every process holds); ``None`` without both modes."""
+    s = model["strategies"]
+    if "dpkfac" not in s or "dkfac" not in s:
+        return None
+    dk, dp = s["dkfac"], s["dpkfac"]
+
+    def compute(v: dict[str, Any]) -> float:
+        return sum(v["phases_s"][p] for p in ("factor", "inverse", "precondition"))
+
+    return {
+        "computation": compute(dk) / compute(dp),
+        "communication": _total(dk["bytes_per_step"]) / _total(dp["bytes_per_step"]),
+        "kfac_memory": max(state_total(dk["state_bytes"])) / max(state_total(dp["state_bytes"])),
+        "peak_rss": max(dk["peak_rss_bytes"]) / max(dp["peak_rss_bytes"]),
+    }
+
+
 def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's performance goals that this run measured: ``{goal, value, limit, met}`` each."""
     goals: list[dict[str, Any]] = []
@@ -142,6 +167,18 @@ def format_markdown(results: dict[str, Any]) -> str:
             blocked = state_ratio(b["strategies"])
             if blocked is not None:
                 out += ["", f"dpkfac max per-rank state x P / dkfac max per-rank state = {blocked:.3f} (blocks)"]
+    ratios = {name: r for name, model in results["step_time"].items() if (r := paper_ratios(model)) is not None}
+    if ratios:
+        out += ["", "## The paper's three ratios, measured: dkfac over dpkfac, per rank and step", "",
+                "Computation: factor + inverse + precondition seconds; communication: bytes sent; memory: the "
+                "largest rank's K-FAC state, and its peak process memory (RSS, which includes ~370 MB of Python "
+                "and torch in every process).", ""]
+        paper = {k: f"{lo:.2f}-{hi:.2f}x" for k, (lo, hi) in PAPER_RATIOS.items()}
+        out += _table(["model", "computation", "communication", "K-FAC memory", "peak RSS"],
+                      [[name, *(f"{r[k]:.2f}x" for k in ("computation", "communication", "kfac_memory", "peak_rss"))]
+                       for name, r in ratios.items()]
+                      + [["paper (64 GPUs, measured)", paper["computation"], paper["communication"], paper["memory"],
+                          paper["memory"]]])
     for task, conv in results["convergence"].items():
         out += ["", f"## Convergence: {task}, target {100 * conv['target']:.0f}% test accuracy", "",
                 "Median [min, max] over seeds; training wall time excludes evaluation.", ""]

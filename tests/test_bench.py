@@ -58,6 +58,14 @@ def test_memory_is_also_measured_with_every_layer_split_into_blocks(tiny_run) ->
     assert any("blocks of at most 256" in g["goal"] for g in results["goals"])
 
 
+def test_the_papers_three_ratios_are_reported_per_model(tiny_run) -> None:
+    out, results = tiny_run
+    ratios = results["paper_ratios"]["mlp"]
+    assert set(ratios) == {"computation", "communication", "kfac_memory", "peak_rss"}
+    assert ratios["communication"] > 1 and ratios["kfac_memory"] > 1  # dkfac all-reduces and copies factors
+    assert "## The paper's three ratios, measured" in (out / "results.md").read_text()
+
+
 def test_convergence_curves_and_summary_for_all_four_strategies(tiny_run) -> None:
     _, results = tiny_run
     digits = results["convergence"]["digits"]
