@@ -497,6 +497,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         p.error(f"--world-size={args.world_size} needs one GPU per rank; found {torch.cuda.device_count()}.")
+    if args.max_factor_dim is not None and args.max_factor_dim < 2:
+        p.error(f"--max-factor-dim={args.max_factor_dim} is invalid: it must be >= 2 (KFACConfig.max_factor_dim).")
+    if args.block_dim and args.block_dim < 2:
+        p.error(f"--block-dim={args.block_dim} is invalid: it must be 0 (no block trials) or >= 2.")
     if args.quick:
         args.warmup, args.steps, args.reps, args.seeds = 2, 10, 1, args.seeds[:1]
         args.epochs = args.epochs or 3

@@ -38,11 +38,12 @@ def _total(bytes_by_kind: dict[str, float]) -> float:
 PAPER_RATIOS = {"computation": (1.55, 1.65), "communication": (2.79, 3.15), "memory": (1.14, 1.47)}
 
 
-def paper_ratios(model: dict[str, Any]) -> dict[str, float] | None:
+def paper_ratios(model: dict[str, Any]) -> dict[str, float | None] | None:
     """dkfac over dpkfac, per rank and step, for one model's ``step_time`` section: ``computation`` (mean
     seconds in factor + inverse + precondition, averaged over ranks), ``communication`` (bytes sent),
     ``kfac_memory`` (largest per-rank K-FAC state) and ``peak_rss`` (largest peak process memory, which
-    includes the ~370 MB of Python and torch every process holds); ``None`` without both modes."""
+    includes the ~370 MB of Python and torch every process holds); ``None`` without both modes, a ratio
+    ``None`` where its denominator is 0 or unmeasured (one rank sends no bytes)."""
     s = model["strategies"]
     if "dpkfac" not in s or "dkfac" not in s:
         return None
@@ -51,11 +52,17 @@ def paper_ratios(model: dict[str, Any]) -> dict[str, float] | None:
     def compute(v: dict[str, Any]) -> float:
         return sum(v["phases_s"][p] for p in ("factor", "inverse", "precondition"))
 
+    def ratio(num: float | None, den: float | None) -> float | None:  # one rank sends nothing: no ratio
+        return num / den if num is not None and den else None
+
+    def peak(v: dict[str, Any]) -> float | None:
+        return max(v["peak_rss_bytes"]) if v["peak_rss_bytes"] else None
+
     return {
-        "computation": compute(dk) / compute(dp),
-        "communication": _total(dk["bytes_per_step"]) / _total(dp["bytes_per_step"]),
-        "kfac_memory": max(state_total(dk["state_bytes"])) / max(state_total(dp["state_bytes"])),
-        "peak_rss": max(dk["peak_rss_bytes"]) / max(dp["peak_rss_bytes"]),
+        "computation": ratio(compute(dk), compute(dp)),
+        "communication": ratio(_total(dk["bytes_per_step"]), _total(dp["bytes_per_step"])),
+        "kfac_memory": ratio(max(state_total(dk["state_bytes"])), max(state_total(dp["state_bytes"]))),
+        "peak_rss": ratio(peak(dk), peak(dp)),
     }
 
 
@@ -175,7 +182,8 @@ def format_markdown(results: dict[str, Any]) -> str:
                 "and torch in every process).", ""]
         paper = {k: f"{lo:.2f}-{hi:.2f}x" for k, (lo, hi) in PAPER_RATIOS.items()}
         out += _table(["model", "computation", "communication", "K-FAC memory", "peak RSS"],
-                      [[name, *(f"{r[k]:.2f}x" for k in ("computation", "communication", "kfac_memory", "peak_rss"))]
+                      [[name, *(f"{r[k]:.2f}x" if r[k] is not None else "-"
+                                for k in ("computation", "communication", "kfac_memory", "peak_rss"))]
                        for name, r in ratios.items()]
                       + [["paper (64 GPUs, measured)", paper["computation"], paper["communication"], paper["memory"],
                           paper["memory"]]])

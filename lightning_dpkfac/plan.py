@@ -386,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if not 1 <= args.world_size <= 1024:
         parser.error(f"--world-size={args.world_size} is invalid: it must be in 1..1024.")
+    if args.max_factor_dim is not None and args.max_factor_dim < 2:
+        parser.error(f"--max-factor-dim={args.max_factor_dim} is invalid: it must be >= 2 (KFACConfig.max_factor_dim).")
     if args.paper:
         report = format_paper_comparison(args.world_size) + "\n\n" + format_block_comparison(args.world_size)
     else:

@@ -87,6 +87,21 @@ def test_a_seed_that_never_reaches_the_target_counts_as_infinitely_slow() -> Non
     assert _median_spread([None, None, 2.0])["median"] is None
 
 
+def test_one_rank_reports_no_communication_ratio() -> None:
+    from lightning_dpkfac.bench_report import paper_ratios
+
+    side = {"phases_s": {"factor": 1.0, "inverse": 0.0, "precondition": 1.0}, "bytes_per_step": {},
+            "state_bytes": [{"factors": 4, "decompositions": 4, "capture": 4}], "peak_rss_bytes": None}
+    ratios = paper_ratios({"strategies": {"dkfac": side, "dpkfac": side}})
+    assert ratios == {"computation": 1.0, "communication": None, "kfac_memory": 1.0, "peak_rss": None}
+
+
+@pytest.mark.parametrize("flags", [["--block-dim", "1"], ["--max-factor-dim", "1"]])
+def test_invalid_block_sizes_are_refused_before_any_trial(flags: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+
+
 def test_quick_mode_shrinks_the_run() -> None:
     args = parse_args(["--quick"])
     assert (args.warmup, args.steps, args.reps, args.seeds, args.epochs) == (2, 10, 1, [0], 3)

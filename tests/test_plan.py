@@ -163,6 +163,12 @@ def test_paper_report_shows_how_blocks_balance_the_64_rank_owner_map() -> None:
     assert "| ResNet-50 | 512 | 157 | 1.04 | 0 |" in report
 
 
+@pytest.mark.parametrize("value", ["0", "1", "-5"])
+def test_cli_refuses_a_max_factor_dim_below_two(value: str) -> None:
+    with pytest.raises(SystemExit):
+        main(["resnet50", "--max-factor-dim", value])
+
+
 def test_cli_refuses_more_than_1024_ranks() -> None:
     with pytest.raises(SystemExit):
         main(["resnet50", "-P", "1025"])
