@@ -183,28 +183,31 @@ class KFACLayer(ABC):
     def _output_grad_rows(self, gy: Tensor) -> Tensor:
         """The whole output gradient as rows (examples x locations, outputs)."""
 
-    def a_factor(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``A`` (d_a x d_a, ``dtype``) from one batch of layer inputs ``x``."""
+    def a_capture(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, float | None]:
+        """One batch of layer inputs ``x`` as ``(rows, w)`` with ``A = w rows^T rows`` when it has no more
+        rows than input columns (a Linear on a small batch; a copy, with the ones column for the bias), else
+        as ``(A, None)``, formed (d_a x d_a). In ``dtype``."""
         rows = self.input_rows(x).to(dtype)
         n = rows.shape[0]
-        if n <= rows.shape[1]:  # few rows (a Linear on a small batch): pad and scale the rows
+        if n <= rows.shape[1]:
             if self.has_bias:
-                rows = torch.cat([rows, rows.new_ones(n, 1)], dim=1)
-            return rows.T @ (rows / n)
+                return torch.cat([rows, rows.new_ones(n, 1)], dim=1), 1 / n
+            return rows.to(dtype, copy=True), 1 / n
         # many rows (convolutions): scale the small result, border it with the column sums for the bias
         A = rows.T @ rows
         if self.has_bias:
             sums = rows.sum(0)
             A = torch.cat([torch.cat([A, sums[:, None]], 1), torch.cat([sums, sums.new_full((1,), n)])[None]], 0)
-        return A.div_(n)
+        return A.div_(n), None
 
-    def g_factor(self, gy: Tensor, dtype: torch.dtype) -> Tensor:
-        """``G`` (d_g x d_g, ``dtype``) from one batch of output gradients ``gy`` of a batch-mean loss."""
+    def g_capture(self, gy: Tensor, dtype: torch.dtype) -> tuple[Tensor, float | None]:
+        """One batch of output gradients ``gy`` of a batch-mean loss as ``(rows, w)`` with
+        ``G = w rows^T rows`` (few rows; a copy), else ``(G, None)``, formed (d_g x d_g)."""
         batch = gy.shape[0]
         rows = self.output_grad_rows(gy).to(dtype)
         if rows.shape[0] <= rows.shape[1]:
-            return rows.T @ (rows * batch)  # (B g)^T (B g) / B
-        return (rows.T @ rows).mul_(batch)
+            return rows.to(dtype, copy=True), float(batch)  # (B g)^T (B g) / B
+        return (rows.T @ rows).mul_(batch), None
 
     def grad_matrix(self) -> Tensor | None:
         """The gradient as a (d_g x d_a) matrix ``[dW | db]``, or ``None`` when the weight has no grad."""

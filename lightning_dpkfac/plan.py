@@ -33,7 +33,7 @@ Per-rank K-FAC state (bytes, in the factor dtype): factors A and G, d_a^2 + d_g^
 (dkfac: every layer on every rank; dpkfac: owned layers only); decompositions (the same holders):
 eigen d_a^2 + d_g^2 + d_g d_a (Q_A, Q_G and the eigenvalue products), inverse d_a^2 + d_g^2; capture,
 the batch-factor accumulators filled during forward/backward of a factor-update step and folded in
-by ``step()`` (the size of the held factors). dkfac holds every factor and every decomposition on
+by ``step()`` (the size of the held factors; in dpkfac R x d for a factor of size d > R, R the rows). dkfac holds every factor and every decomposition on
 every rank; dpkfac only its owned layers'.
 
 ``--max-factor-dim B`` splits layers into blocks as the engine does (``KFACConfig.max_factor_dim``): every
@@ -168,10 +168,13 @@ def bytes_per_step(shapes: ModelShapes, world_size: int, mode: str, *, factor_up
 
 
 def predict_state_bytes(
-    shapes: ModelShapes, world_size: int, mode: str, *, method: str = "eigen", inv_update_steps: int = 10
+    shapes: ModelShapes, world_size: int, mode: str, *, method: str = "eigen", inv_update_steps: int = 10,
+    batch_size: int | None = None,
 ) -> list[dict[str, int]]:
     """Per rank: bytes of K-FAC state held after a step (``factors``, ``decompositions``, the keys of
-    ``KFACPreconditioner.state_bytes()``) and the peak ``capture`` accumulators during a step."""
+    ``KFACPreconditioner.state_bytes()``) and the peak ``capture`` accumulators during a step. Given the
+    per-rank ``batch_size``, dpkfac's Linear layers with fewer rows than a factor's size capture the rows
+    instead (``factors.BatchFactor``); convolutions' row counts are not modelled (counted as formed)."""
     _check_mode(mode)
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: it must be one of {METHODS}.")
@@ -183,10 +186,12 @@ def predict_state_bytes(
     for s, owner in zip(shapes.shapes, owners):
         factors = (s.d_a**2 + s.d_g**2) * e_f
         decomposition = (s.d_a**2 + s.d_g**2 + (s.d_g * s.d_a if method == "eigen" else 0)) * e_f
+        rows = batch_size * s.rows_per_example if batch_size and mode == "dpkfac" else 0
+        capture = sum(rows * d if 0 < rows < d else d * d for d in (s.d_a, s.d_g)) * e_f
         holders = range(world_size) if mode == "dkfac" else [owner]
         for rank in holders:
             out[rank]["factors"] += factors
-            out[rank]["capture"] += factors
+            out[rank]["capture"] += capture
             out[rank]["decompositions"] += decomposition
     return out
 
@@ -333,7 +338,8 @@ def format_plan(
     out += ["", f"Per-rank K-FAC memory (model state: parameters + gradients + momentum = "
                 f"{_size(model_state_bytes(shapes))} on every rank):",
             f"  {'mode':<8}" + "".join(f"{k + ' (max)':>22}" for k in STATE_KINDS) + f"{'total (max)':>16}{'total (mean)':>16}"]
-    state = {m: predict_state_bytes(shapes, world_size, m, method=method, inv_update_steps=inv_update_steps)
+    state = {m: predict_state_bytes(shapes, world_size, m, method=method, inv_update_steps=inv_update_steps,
+                                    batch_size=batch_size)
              for m in ("dkfac", "dpkfac")}
     for mode, ranks in state.items():
         totals_per_rank = [sum(r.values()) for r in ranks]

@@ -34,7 +34,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -47,6 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance, rank_loads
 from lightning_dpkfac.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
 from lightning_dpkfac.config import KFACConfig
+from lightning_dpkfac.factors import BatchFactor
 from lightning_dpkfac.layers import KFACLayer, discover_layers, grad_hook_target
 from lightning_dpkfac.rows import RowGatherer
 
@@ -72,8 +73,8 @@ class _LayerState:
     """What a rank holds for one layer. Factors are ``dtype`` (float32, or float64 for float64 models)."""
 
     dtype: torch.dtype
-    a_batch: Tensor | None = None  # sum of A over the captures since the last factor update
-    g_batch: Tensor | None = None  # sum of G over the captures
+    a_batch: BatchFactor = field(default_factory=BatchFactor)  # A's captures since the last factor update
+    g_batch: BatchFactor = field(default_factory=BatchFactor)  # G's captures
     a_count: int = 0  # forward captures (uses x micro-batches)
     g_passes: int = 0  # distinct backward passes that reached the layer (micro-batches)
     g_task: int = -1  # id of the backward pass of the last G capture
@@ -154,6 +155,12 @@ class KFACPreconditioner:
         return self.config.mode == "dkfac" or self.owners[index] == self.rank
 
     @property
+    def _keeps_rows(self) -> bool:
+        """dpkfac: a capture with fewer rows than columns is kept as rows until the fold (factors.BatchFactor);
+        dkfac forms every factor, which it all-reduces."""
+        return self.config.mode == "dpkfac"
+
+    @property
     def _shares_decompositions(self) -> bool:
         """dkfac: owners broadcast decompositions and every rank preconditions every layer."""
         return self.config.mode == "dkfac" and self.world_size > 1
@@ -198,8 +205,8 @@ class KFACPreconditioner:
         """Bytes of K-FAC state this rank holds: running factors and decompositions."""
         out = {"factors": 0, "decompositions": 0}
         for state in self._states.values():
-            for key, names in (("factors", ("A", "G", "a_batch", "g_batch")),
-                               ("decompositions", ("qa", "qg", "dgda", "a_inv", "g_inv"))):
+            out["factors"] += state.a_batch.nbytes() + state.g_batch.nbytes()
+            for key, names in (("factors", ("A", "G")), ("decompositions", ("qa", "qg", "dgda", "a_inv", "g_inv"))):
                 for attr in names:
                     tensor = getattr(state, attr)
                     if tensor is not None:
@@ -338,7 +345,7 @@ class KFACPreconditioner:
                 owned_decomposition = key not in ("A", "G") and held and same_method
                 value = entry.get(key) if key in ("A", "G") or owned_decomposition else None
                 setattr(s, key, None if value is None else value.to(device=device, dtype=s.dtype))
-            s.a_batch = s.g_batch = None
+            s.a_batch, s.g_batch = BatchFactor(), BatchFactor()
             s.a_count = s.g_passes = 0
         self.steps = int(state["steps"])
         # The same world size keeps the row-gathering decision (a resume must not re-decide: the first
@@ -370,8 +377,7 @@ class KFACPreconditioner:
             return
         state = self._states[index]
         with self._timed("factor"), torch.no_grad(), _autocast_off(output.device):
-            A = self.layers[index].a_factor(inputs[0].detach(), state.dtype)
-            state.a_batch = A if state.a_batch is None else state.a_batch.add_(A)
+            state.a_batch.add(*self.layers[index].a_capture(inputs[0].detach(), state.dtype), self._keeps_rows)
             state.a_count += 1
         if output.requires_grad:
             grad_hook_target(output).register_hook(torch.compiler.disable(partial(self._on_output_grad, index, output.shape)))
@@ -384,8 +390,7 @@ class KFACPreconditioner:
                 if self._loss_scale is None:
                     self._loss_scale = float(self._loss_scale_fn())
                 grad_output = grad_output.to(state.dtype) / self._loss_scale
-            G = self.layers[index].g_factor(grad_output, state.dtype)
-            state.g_batch = G if state.g_batch is None else state.g_batch.add_(G)
+            state.g_batch.add(*self.layers[index].g_capture(grad_output, state.dtype), self._keeps_rows)
             task = torch._C._current_graph_task_id()
             if task != state.g_task or task == -1:
                 state.g_passes += 1
@@ -444,26 +449,25 @@ class KFACPreconditioner:
         """Check the captured batch factors (in dkfac, all-reduced first) and flag the non-finite ones;
         returns the fold of the others into the running averages, which the caller may run later (it is
         local work: dpkfac runs it while its preconditioned gradients are on the wire)."""
-        batch: dict[int, tuple[Tensor | None, Tensor | None]] = {}
+        batch: dict[int, tuple[_Scaled | None, _Scaled | None]] = {}
         with self._timed("factor"):
             for i, s in self._states.items():
-                a = _scaled(s.a_batch, 1 / s.a_count) if s.a_batch is not None and s.a_count else None
+                a = (s.a_batch, 1 / s.a_count) if not s.a_batch.empty and s.a_count else None
                 # Uses of a layer within one backward pass add up (like a convolution's locations);
                 # M accumulated passes, each of a loss scaled by 1/M (as Lightning does), average:
                 # sum_passes (M g)(M g)^T / M = M * sum_passes G_pass.
-                g = _scaled(s.g_batch, s.g_passes) if s.g_batch is not None else None
+                g = (s.g_batch, float(s.g_passes)) if not s.g_batch.empty else None
                 batch[i] = (a, g)
-                s.a_batch = s.g_batch = None
+                s.a_batch, s.g_batch = BatchFactor(), BatchFactor()
                 s.a_count = s.g_passes = 0
         if self.config.mode == "dkfac" and self.world_size > 1:
             batch = self._all_reduce_factors(batch)
-        good: dict[int, tuple[Tensor, Tensor]] = {}
+        good: dict[int, tuple[_Scaled, _Scaled]] = {}
         with self._timed("factor"):
             captured = {i: (a, g) for i, (a, g) in batch.items() if a is not None and g is not None}
             # One host sync for all layers: a non-finite batch (inf/NaN input, overflow) must not
-            # poison the running average, which would outlive the bad batch. A Gram matrix (or a sum of
-            # them) is finite iff its diagonal is (|F_ij| <= sqrt(F_ii F_jj)): d checks, not d^2.
-            finite = _to_host([_all_finite(a.diagonal()) & _all_finite(g.diagonal()) for a, g in captured.values()])
+            # poison the running average, which would outlive the bad batch.
+            finite = _to_host([a[0].all_finite() & g[0].all_finite() for a, g in captured.values()])
             for (i, (a, g)), ok in zip(captured.items(), finite):
                 if ok:
                     good[i] = (a, g)
@@ -472,16 +476,16 @@ class KFACPreconditioner:
 
         def fold() -> None:
             with self._timed("factor"):
-                for i, (a, g) in good.items():
+                for i, ((a, a_scale), (g, g_scale)) in good.items():
                     s = self._states[i]
-                    s.A = a if s.A is None else s.A.lerp_(a, 1 - decay)  # decay A + (1 - decay) a, one pass
-                    s.G = g if s.G is None else s.G.lerp_(g, 1 - decay)
+                    s.A = a.fold_into(s.A, a_scale, decay)  # decay A + (1 - decay) a_scale a
+                    s.G = g.fold_into(s.G, g_scale, decay)
 
         return fold
 
     def _all_reduce_factors(
-        self, batch: dict[int, tuple[Tensor | None, Tensor | None]]
-    ) -> dict[int, tuple[Tensor | None, Tensor | None]]:
+        self, batch: dict[int, tuple[_Scaled | None, _Scaled | None]]
+    ) -> dict[int, tuple[_Scaled | None, _Scaled | None]]:
         """Average each layer's batch factors over the ranks that captured it (a weight rides along)."""
         tensors: list[Tensor] = []
         for i, (a, g) in batch.items():
@@ -489,17 +493,19 @@ class KFACPreconditioner:
             device = layer.weight.device
             captured = a is not None and g is not None
             tensors += [
-                a if captured else torch.zeros(layer.d_a, layer.d_a, dtype=dtype, device=device),
-                g if captured else torch.zeros(layer.d_g, layer.d_g, dtype=dtype, device=device),
+                a[0].formed().mul_(a[1]) if a is not None and captured
+                else torch.zeros(layer.d_a, layer.d_a, dtype=dtype, device=device),
+                g[0].formed().mul_(g[1]) if g is not None and captured
+                else torch.zeros(layer.d_g, layer.d_g, dtype=dtype, device=device),
                 torch.full((1,), float(captured), dtype=dtype, device=device),
             ]
         with self._timed("comm"):
             self.comm.all_reduce_sum(tensors, "factors")
         counts = _to_host(tensors[2::3])  # one host sync for all layers
-        out: dict[int, tuple[Tensor | None, Tensor | None]] = {}
+        out: dict[int, tuple[_Scaled | None, _Scaled | None]] = {}
         for j, (i, n) in enumerate(zip(batch, counts)):
             a, g = tensors[3 * j : 3 * j + 2]
-            out[i] = (a / n, g / n) if n > 0 else (None, None)
+            out[i] = ((BatchFactor.of(a), 1 / n), (BatchFactor.of(g), 1 / n)) if n > 0 else (None, None)
         return out
 
     def _decompose(self, state: _LayerState, damping: float) -> tuple[Tensor, ...] | None:
@@ -743,6 +749,10 @@ class KFACPreconditioner:
             self.timings[phase] += time.perf_counter() - start
 
 
+#: A layer's captured batch factor and the scale that makes it the batch's factor.
+_Scaled = tuple[BatchFactor, float]
+
+
 def _to_host(scalars: list[Tensor]) -> list[float]:
     """The values of 0-d/1-element tensors (possibly on several devices) with one device-to-host copy."""
     if not scalars:
@@ -758,11 +768,6 @@ def _spd_inverse(m: Tensor) -> Tensor:
     if int(info) != 0:
         return torch.linalg.inv(m)
     return torch.cholesky_inverse(factor)
-
-
-def _scaled(t: Tensor, factor: float) -> Tensor:
-    """``t * factor`` in place (no pass over ``t`` when ``factor`` is 1)."""
-    return t if factor == 1 else t.mul_(factor)
 
 
 def _all_finite(t: Tensor) -> Tensor:

@@ -245,7 +245,8 @@ def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mo
         assert {k: measured["bytes"].get(k, 0.0) for k in KINDS} == predicted, f"rank {rank}"
         if mode != "ddp":
             assert measured["owners"] == owner_map(shapes, world_size, HP["inv_update_steps"])
-            state = predict_state_bytes(shapes, world_size, mode, inv_update_steps=HP["inv_update_steps"])
+            state = predict_state_bytes(shapes, world_size, mode, inv_update_steps=HP["inv_update_steps"],
+                                        batch_size=batch_shape[0])
             assert measured["state"] == state[rank], f"rank {rank}"
         gathers = mode == "dpkfac" and world_size > 1 and model_name.startswith("wide")
         first_layer = [name for name, _ in shapes.layers if name == "0" or name.startswith("0[")]
