@@ -311,7 +311,14 @@ class ConvLayer(KFACLayer):
 
     def _input_rows(self, x: Tensor, c0: int, c1: int) -> Tensor:
         # Rows as the transpose of contiguous columns: the products rows^T @ rows read contiguous memory.
-        return self._patch_columns(x)[c0:c1].T
+        # A block's columns come from the input channels that hold them: its im2col costs its width.
+        per_channel = self._kernel[0] * self._kernel[1]
+        ch0 = min(c0 // per_channel, x.shape[1] - 1)
+        ch1 = max(-(-c1 // per_channel), ch0 + 1)
+        if (ch0, ch1) != (0, x.shape[1]):
+            x = x[:, ch0:ch1]
+        start = c0 - ch0 * per_channel
+        return self._patch_columns(x)[start : start + c1 - c0].T
 
     def _output_grad_rows(self, gy: Tensor) -> Tensor:
         return gy.transpose(0, 1).reshape(gy.shape[1], -1).T

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import kfac_reference as ref
 from lightning_dpkfac import KFACConfig, KFACPreconditioner
-from lightning_dpkfac.layers import Block, block_grid, split_range
+from lightning_dpkfac.layers import Block, block_grid, make_layer, split_range
 
 HP = dict(damping=1e-2, factor_decay=0.8, lr=0.1, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-3)
 STEPS = 4
@@ -50,6 +50,20 @@ def test_a_non_contiguous_weight_that_needs_splitting_is_refused_naming_the_laye
     with pytest.raises(ValueError, match=r"Layer '0' would be split into 3 blocks .* raise max_factor_dim to 73"):
         KFACPreconditioner(model, max_factor_dim=32)
     KFACPreconditioner(model, max_factor_dim=73)  # one block: no view of the gradient needed
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 2, 3, stride=2, padding=1, padding_mode="reflect"),
+    nn.Conv2d(3, 2, (2, 3), padding="same", dilation=2),
+    nn.Conv1d(3, 2, 4, padding="same", padding_mode="circular"),
+], ids=["conv2d_reflect_stride", "conv2d_same_dilated", "conv1d_same_circular"])
+def test_a_conv_blocks_input_rows_are_its_columns_of_the_whole_im2col(conv: nn.Module) -> None:
+    """Each block unfolds only the input channels that hold its columns (partial channels included)."""
+    x = torch.randn(2, 3, 7) if isinstance(conv, nn.Conv1d) else torch.randn(2, 3, 6, 7)
+    whole = make_layer("c", conv)
+    rows = whole.input_rows(x)
+    for block in whole.split(4):
+        assert torch.equal(block.input_rows(x), rows[:, block.block.c0 : block.block.c0 + block.n_w]), block.name
 
 
 @pytest.mark.parametrize("value", [1, 0, 2.5, True, "64"])
