@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,20 +152,19 @@ class KFACLayer(ABC):
         return self.d_g * self.d_a
 
     def params(self) -> list[Tensor]:
-        """The module's parameters this layer (block) reads: the weight, and the bias if it holds it."""
-        return [self.weight, self.module.bias] if self.has_bias else [self.weight]
+        """The module's parameters of which this layer (block) reads a part: the weight unless the block
+        holds the bias column alone, and the bias if it holds it."""
+        return [self.weight] * (self.n_w > 0) + [self.module.bias] * self.has_bias
 
-    def grad_piece(self, param: Tensor, grad: Tensor) -> Tensor | None:
-        """The part of ``grad`` (a gradient of the module's ``param``, same shape) that this layer
-        (block) covers, as a view; ``None`` if it covers none of it."""
+    def grad_piece(self, param: Tensor, grad: Tensor) -> Tensor:
+        """The part of ``grad`` (a gradient of ``param``, one of :meth:`params`, same shape) that this layer
+        (block) covers, as a view."""
+        if not self.is_block:
+            return grad
         b = self.block
         if param is self.weight:
-            if not self.is_block:
-                return grad
-            return grad.view(grad.shape[0], -1)[b.r0 : b.r1, b.c0 : b.c0 + self.n_w] if self.n_w else None
-        if self.has_bias and param is self.module.bias:
-            return grad[b.r0 : b.r1] if self.is_block else grad
-        return None
+            return grad.view(grad.shape[0], -1)[b.r0 : b.r1, b.c0 : b.c0 + self.n_w]
+        return grad[b.r0 : b.r1]
 
     def input_rows(self, x: Tensor) -> Tensor:
         """The input as rows (examples x locations, ``n_w``): this block's input columns, no bias column."""
@@ -187,12 +187,15 @@ class KFACLayer(ABC):
         """One batch of layer inputs ``x`` as ``(rows, w)`` with ``A = w rows^T rows`` when it has no more
         rows than input columns (a Linear on a small batch; a copy, with the ones column for the bias), else
         as ``(A, None)``, formed (d_a x d_a). In ``dtype``."""
-        rows = self.input_rows(x).to(dtype)
+        rows = self.input_rows(x)
         n = rows.shape[0]
-        if n <= rows.shape[1]:
+        if n <= rows.shape[1]:  # one copy, converted to dtype, with the ones column
+            out = rows.new_empty(n, self.d_a, dtype=dtype)
+            out[:, : self.n_w] = rows
             if self.has_bias:
-                return torch.cat([rows, rows.new_ones(n, 1)], dim=1), 1 / n
-            return rows.to(dtype, copy=True), 1 / n
+                out[:, self.n_w] = 1.0
+            return out, 1 / n
+        rows = rows.to(dtype)
         # many rows (convolutions): scale the small result, border it with the column sums for the bias
         A = rows.T @ rows
         if self.has_bias:
@@ -204,9 +207,10 @@ class KFACLayer(ABC):
         """One batch of output gradients ``gy`` of a batch-mean loss as ``(rows, w)`` with
         ``G = w rows^T rows`` (few rows; a copy), else ``(G, None)``, formed (d_g x d_g)."""
         batch = gy.shape[0]
-        rows = self.output_grad_rows(gy).to(dtype)
+        rows = self.output_grad_rows(gy)
         if rows.shape[0] <= rows.shape[1]:
             return rows.to(dtype, copy=True), float(batch)  # (B g)^T (B g) / B
+        rows = rows.to(dtype)
         return (rows.T @ rows).mul_(batch), None
 
     def grad_matrix(self) -> Tensor | None:
@@ -322,6 +326,15 @@ class ConvLayer(KFACLayer):
 
     def _output_grad_rows(self, gy: Tensor) -> Tensor:
         return gy.transpose(0, 1).reshape(gy.shape[1], -1).T
+
+
+def layers_of_params(layers: Sequence[KFACLayer]) -> dict[int, list[int]]:
+    """``id(param)`` -> indices of the layers (blocks) in ``layers`` that read part of ``param``."""
+    out: dict[int, list[int]] = {}
+    for i, layer in enumerate(layers):
+        for p in layer.params():
+            out.setdefault(id(p), []).append(i)
+    return out
 
 
 def grad_hook_target(output: Tensor) -> Tensor:

@@ -33,8 +33,8 @@ Per-rank K-FAC state (bytes, in the factor dtype): factors A and G, d_a^2 + d_g^
 (dkfac: every layer on every rank; dpkfac: owned layers only); decompositions (the same holders):
 eigen d_a^2 + d_g^2 + d_g d_a (Q_A, Q_G and the eigenvalue products), inverse d_a^2 + d_g^2; capture,
 the batch-factor accumulators filled during forward/backward of a factor-update step and folded in
-by ``step()`` (the size of the held factors; in dpkfac R x d for a factor of size d > R, R the rows). dkfac holds every factor and every decomposition on
-every rank; dpkfac only its owned layers'.
+by ``step()`` (the size of the held factors; in dpkfac R x d for a factor of size d > R, R the rows).
+dkfac holds every factor and every decomposition on every rank; dpkfac only its owned layers'.
 
 ``--max-factor-dim B`` splits layers into blocks as the engine does (``KFACConfig.max_factor_dim``): every
 formula above then runs over blocks (L counts blocks, and a block's G is held by its own owner).
@@ -48,9 +48,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn

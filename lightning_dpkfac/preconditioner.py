@@ -48,7 +48,7 @@ from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, l
 from lightning_dpkfac.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
 from lightning_dpkfac.config import KFACConfig
 from lightning_dpkfac.factors import BatchFactor
-from lightning_dpkfac.layers import KFACLayer, discover_layers, grad_hook_target
+from lightning_dpkfac.layers import KFACLayer, discover_layers, grad_hook_target, layers_of_params
 from lightning_dpkfac.rows import RowGatherer
 
 log = logging.getLogger("lightning_dpkfac")
@@ -137,10 +137,7 @@ class KFACPreconditioner:
             for i, layer in enumerate(self.layers)
             if self._builds_factors(i)
         }
-        self._layers_of_param: dict[int, list[int]] = defaultdict(list)  # id(param) -> its layers (blocks)
-        for i, layer in enumerate(self.layers):
-            for p in layer.params():
-                self._layers_of_param[id(p)].append(i)
+        self._layers_of_param = layers_of_params(self.layers)
         # Row gathering: started by register_ddp_comm_hook in dpkfac (see lightning_dpkfac.rows).
         self._rows = RowGatherer(self.layers, self.owners, self.comm)
         self._handles: list[RemovableHandle] = []
@@ -265,12 +262,7 @@ class KFACPreconditioner:
         layers = self._layers_of_param.get(id(param))
         if layers is None:
             return [(None, grad)]
-        pieces = []
-        for i in layers:
-            piece = self.layers[i].grad_piece(param, grad)
-            if piece is not None and not self._rows.gathers(i):
-                pieces.append((self.owners[i], piece))
-        return pieces
+        return [(self.owners[i], self.layers[i].grad_piece(param, grad)) for i in layers if not self._rows.gathers(i)]
 
     def check_row_gradient(self, param: Tensor, grad: Tensor) -> None:
         """During the first step, record whether this rank's gradient of ``param`` equals ``g^T a``."""
@@ -491,14 +483,12 @@ class KFACPreconditioner:
         for i, (a, g) in batch.items():
             layer, dtype = self.layers[i], self._states[i].dtype
             device = layer.weight.device
-            captured = a is not None and g is not None
-            tensors += [
-                a[0].formed().mul_(a[1]) if a is not None and captured
-                else torch.zeros(layer.d_a, layer.d_a, dtype=dtype, device=device),
-                g[0].formed().mul_(g[1]) if g is not None and captured
-                else torch.zeros(layer.d_g, layer.d_g, dtype=dtype, device=device),
-                torch.full((1,), float(captured), dtype=dtype, device=device),
-            ]
+            if a is not None and g is not None:
+                tensors += [a[0].formed().mul_(a[1]), g[0].formed().mul_(g[1]), torch.ones(1, dtype=dtype, device=device)]
+            else:
+                tensors += [torch.zeros(layer.d_a, layer.d_a, dtype=dtype, device=device),
+                            torch.zeros(layer.d_g, layer.d_g, dtype=dtype, device=device),
+                            torch.zeros(1, dtype=dtype, device=device)]
         with self._timed("comm"):
             self.comm.all_reduce_sum(tensors, "factors")
         counts = _to_host(tensors[2::3])  # one host sync for all layers

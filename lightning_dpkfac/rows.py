@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dpkfac.comm import Communicator
-from lightning_dpkfac.layers import KFACLayer, LinearLayer, grad_hook_target
+from lightning_dpkfac.layers import KFACLayer, LinearLayer, grad_hook_target, layers_of_params
 
 log = logging.getLogger("lightning_dpkfac")
 
@@ -149,10 +149,7 @@ class RowGatherer:
         self.restored: list[str] | None = None  # a checkpoint's decision, adopted instead of deciding
         self._checks: dict[tuple[int, int], bool] = {}  # (layer, id(param)) -> its gradient was g^T a here
         self._chosen: set[int] = set()
-        self._layers_of: dict[int, list[int]] = {}  # id(param) -> the layers (blocks) that read it
-        for i, layer in enumerate(layers):
-            for p in layer.params():
-                self._layers_of.setdefault(id(p), []).append(i)
+        self._layers_of = layers_of_params(layers)
 
     def start(self) -> None:
         """Capture the rows of every Linear layer during the next step, or adopt :attr:`restored`."""
@@ -178,15 +175,15 @@ class RowGatherer:
         """While deciding, record whether this rank's gradient of ``param`` equals ``g^T a`` (per block)."""
         if self.deciding:
             for i in self._layers_of.get(id(param), []):
-                piece = self.layers[i].grad_piece(param, grad)
-                if i in self.captures and piece is not None:
+                if i in self.captures:
+                    piece = self.layers[i].grad_piece(param, grad)
                     self._checks[(i, id(param))] = self.captures[i].gradient_matches(param, piece)
 
     def decide(self) -> None:
         """Collective, once: keep the layers where :func:`rows_pay_off` at the largest row count of any
         rank and every rank saw its gradient equal ``g^T a``."""
         candidates = sorted(self.captures)
-        failed = [float(not all(self._checks.get((i, id(p)), False) for p in self._read_params(i))) for i in candidates]
+        failed = [float(not all(self._checks.get((i, id(p)), False) for p in self.layers[i].params())) for i in candidates]
         counts = [float(self.captures[i].num_rows()) for i in candidates]
         votes = torch.tensor(counts + failed, dtype=torch.float64, device=self.layers[0].weight.device)
         self.comm.all_reduce_max([votes], "gradients")
@@ -196,11 +193,6 @@ class RowGatherer:
                      if not bad and rows_pay_off(world, int(rows), self.layers[i].d_a, self.layers[i].d_g)])
         if self.chosen:
             log.info("dpkfac gathers the rows of %s instead of their gradients", [self.layers[i].name for i in self.chosen])
-
-    def _read_params(self, index: int) -> list[Tensor]:
-        """The parameters of which layer ``index`` reads a (non-empty) piece."""
-        layer = self.layers[index]
-        return [p for p in layer.params() if p is not layer.weight or layer.n_w > 0]
 
     def _adopt(self, chosen: list[int]) -> None:
         for i in list(self.captures):

@@ -89,7 +89,14 @@ def make_wide_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3)).double()
 
 
-MODELS = {"conv": (make_model, (5, 2, 5, 5)), "wide": (make_wide_model, (3, 40))}
+def make_bias_block_model() -> nn.Sequential:
+    """At max_factor_dim 2 the first Linear's A (4 inputs + bias) is cut 2 + 2 + 1: a block of the bias alone."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+
+
+MODELS = {"conv": (make_model, (5, 2, 5, 5)), "wide": (make_wide_model, (3, 40)),
+          "bias_block": (make_bias_block_model, (6, 4))}
 
 
 def local_batch(model_name: str, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +206,13 @@ def test_gathered_rows_of_blocks_match_the_reference(ranks) -> None:
     results = ranks(_train_and_check, 2, "wide", "dpkfac", "inverse", 16)
     assert results[0]["row_layers"] == [n for n, m in results[0]["modules"].items() if m == "0"]
     assert torch.equal(results[0]["params"], results[1]["params"])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_block_holding_only_the_bias_column_matches_the_reference(ranks, world: int) -> None:
+    results = ranks(_train_and_check, world, "bias_block", "dpkfac", "inverse", 2)
+    assert "0[0:2,4:5]" in results[0]["owners"]
+    assert all(torch.equal(results[0]["params"], r["params"]) for r in results)
 
 
 def test_blocks_share_one_wide_layers_state_between_ranks(ranks) -> None:
