@@ -79,6 +79,8 @@ class KFACLayer(ABC):
     """One K-FAC-covered module, or one :class:`Block` of it: builds its factors and reads/writes its
     gradient as a matrix. ``d_a``, ``d_g``, the rows and the gradient matrix are the block's."""
 
+    _channel_dim: int  # the dimension of the output that holds its features (channels)
+
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module_name = name
@@ -183,25 +185,30 @@ class KFACLayer(ABC):
     def _output_grad_rows(self, gy: Tensor) -> Tensor:
         """The whole output gradient as rows (examples x locations, outputs)."""
 
-    def a_capture(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, float | None]:
-        """One batch of layer inputs ``x`` as ``(rows, w)`` with ``A = w rows^T rows`` when it has no more
-        rows than input columns (a Linear on a small batch; a copy, with the ones column for the bias), else
-        as ``(A, None)``, formed (d_a x d_a). In ``dtype``."""
+    def a_row_count(self, output: Tensor) -> int:
+        """Rows of the input (examples x locations), read off the layer's ``output``."""
+        return output.numel() // output.shape[self._channel_dim]
+
+    def a_rows(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The input rows ``r`` (n x d_a, with the ones column for the bias) as a copy in ``dtype``:
+        ``A = r^T r / n``. For few rows (a Linear on a small batch): n x d_a numbers instead of d_a^2."""
         rows = self.input_rows(x)
+        out = rows.new_empty(rows.shape[0], self.d_a, dtype=dtype)
+        out[:, : self.n_w] = rows
+        if self.has_bias:
+            out[:, self.n_w] = 1.0
+        return out
+
+    def a_factor(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``A`` (d_a x d_a) of one batch of inputs ``x``: the mean outer product of the rows, in ``dtype``."""
+        rows = self.input_rows(x).to(dtype)
         n = rows.shape[0]
-        if n <= rows.shape[1]:  # one copy, converted to dtype, with the ones column
-            out = rows.new_empty(n, self.d_a, dtype=dtype)
-            out[:, : self.n_w] = rows
-            if self.has_bias:
-                out[:, self.n_w] = 1.0
-            return out, 1 / n
-        rows = rows.to(dtype)
-        # many rows (convolutions): scale the small result, border it with the column sums for the bias
+        # scale the small result, and border it with the column sums for the bias
         A = rows.T @ rows
         if self.has_bias:
             sums = rows.sum(0)
             A = torch.cat([torch.cat([A, sums[:, None]], 1), torch.cat([sums, sums.new_full((1,), n)])[None]], 0)
-        return A.div_(n), None
+        return A.div_(n)
 
     def g_capture(self, gy: Tensor, dtype: torch.dtype) -> tuple[Tensor, float | None]:
         """One batch of output gradients ``gy`` of a batch-mean loss as ``(rows, w)`` with
@@ -227,7 +234,7 @@ class KFACLayer(ABC):
             matrix = torch.cat([matrix, bias_grad[b.r0 : b.r1].reshape(-1, 1)], dim=1)
         return matrix
 
-    def set_grad_matrix(self, matrix: Tensor, scale: Tensor | float = 1.0) -> None:
+    def set_grad_matrix(self, matrix: Tensor, scale: float = 1.0) -> None:
         """Write ``scale *`` a (d_g x d_a) matrix back into this layer's (block's) part of ``weight.grad``
         (and ``bias.grad``)."""
         weight, b, n_w = self.weight, self.block, self.n_w
@@ -249,6 +256,8 @@ class KFACLayer(ABC):
 class LinearLayer(KFACLayer):
     """``nn.Linear`` on inputs of shape (B, ..., d_in)."""
 
+    _channel_dim = -1
+
     def _input_rows(self, x: Tensor, c0: int, c1: int) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         return rows[:, c0:c1] if c1 - c0 < rows.shape[1] else rows
@@ -260,6 +269,8 @@ class LinearLayer(KFACLayer):
 class ConvLayer(KFACLayer):
     """``nn.Conv1d`` and ``nn.Conv2d`` with any stride, dilation, kernel shape, padding (int, tuple,
     'same', 'valid') and padding mode; ``groups`` must be 1. A Conv1d is handled as a Conv2d of height 1."""
+
+    _channel_dim = 1
 
     def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d) -> None:
         if module.groups != 1:

@@ -24,12 +24,14 @@ decomposition is retried in float64 and then with 10x damping before the last go
 Captures happen in module hooks during forward/backward of a step whose index is a multiple of
 ``factor_update_steps``: ``A`` in a forward hook, ``G`` in a hook on the layer's output tensor (full
 backward hooks break with ``ReLU(inplace=True)``). Only modules in training mode with grad enabled are
-captured, so validation passes never touch the factors.
+captured, so validation passes never touch the factors. An ``A`` with many rows (a convolution's
+patches) is formed later, in ``step()``, from the layer input (``factors.DeferredFactor``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -47,7 +49,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance, rank_loads
 from lightning_dpkfac.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
 from lightning_dpkfac.config import KFACConfig
-from lightning_dpkfac.factors import BatchFactor
+from lightning_dpkfac.factors import BatchFactor, DeferredFactor
 from lightning_dpkfac.layers import KFACLayer, discover_layers, grad_hook_target, layers_of_params
 from lightning_dpkfac.rows import RowGatherer
 
@@ -199,10 +201,13 @@ class KFACPreconditioner:
         return load_imbalance(self.costs, self.owners, self.world_size)
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes of K-FAC state this rank holds: running factors and decompositions."""
+        """Bytes of K-FAC state this rank holds: running factors and decompositions; ``factors`` includes the
+        captures not yet folded (a layer input held for a deferred factor counts once, however many blocks
+        of its layer hold it)."""
         out = {"factors": 0, "decompositions": 0}
+        held = {(t.data_ptr(), t.numel()): t for s in self._states.values() for t in s.a_batch.held() + s.g_batch.held()}
+        out["factors"] = sum(t.numel() * t.element_size() for t in held.values())
         for state in self._states.values():
-            out["factors"] += state.a_batch.nbytes() + state.g_batch.nbytes()
             for key, names in (("factors", ("A", "G")), ("decompositions", ("qa", "qg", "dgda", "a_inv", "g_inv"))):
                 for attr in names:
                     tensor = getattr(state, attr)
@@ -367,12 +372,26 @@ class KFACPreconditioner:
     def _on_forward(self, index: int, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not self._capturing(module) or not isinstance(output, Tensor):
             return
-        state = self._states[index]
+        state, layer, x = self._states[index], self.layers[index], inputs[0].detach()
         with self._timed("factor"), torch.no_grad(), _autocast_off(output.device):
-            state.a_batch.add(*self.layers[index].a_capture(inputs[0].detach(), state.dtype), self._keeps_rows)
+            rows = layer.a_row_count(output)
+            if rows <= layer.n_w:  # few rows (a Linear on a small batch): a copy of them
+                state.a_batch.add(layer.a_rows(x, state.dtype), 1 / rows, self._keeps_rows)
+            elif inputs[0].grad_fn is not None:
+                # An activation, which autograd keeps until this layer's backward and no data loader reuses:
+                # A is formed in step(), where dpkfac's owners build it while other owners' results are on
+                # the wire, rather than here, where the other ranks would wait for it at the gradient reduce.
+                state.a_batch.add(DeferredFactor(x, partial(self._a_factor, index, x), layer.name), None, self._keeps_rows)
+            else:  # the model's input, which a loader may overwrite in place before step()
+                state.a_batch.add(layer.a_factor(x, state.dtype), None, self._keeps_rows)
             state.a_count += 1
         if output.requires_grad:
             grad_hook_target(output).register_hook(torch.compiler.disable(partial(self._on_output_grad, index, output.shape)))
+
+    def _a_factor(self, index: int, x: Tensor) -> Tensor:
+        """Layer ``index``'s A of input ``x``, formed now (a deferred capture), outside any autocast."""
+        with _autocast_off(x.device):
+            return self.layers[index].a_factor(x, self._states[index].dtype)
 
     def _on_output_grad(self, index: int, shape: torch.Size, grad_output: Tensor) -> None:
         state = self._states[index]
@@ -480,15 +499,16 @@ class KFACPreconditioner:
     ) -> dict[int, tuple[_Scaled | None, _Scaled | None]]:
         """Average each layer's batch factors over the ranks that captured it (a weight rides along)."""
         tensors: list[Tensor] = []
-        for i, (a, g) in batch.items():
-            layer, dtype = self.layers[i], self._states[i].dtype
-            device = layer.weight.device
-            if a is not None and g is not None:
-                tensors += [a[0].formed().mul_(a[1]), g[0].formed().mul_(g[1]), torch.ones(1, dtype=dtype, device=device)]
-            else:
-                tensors += [torch.zeros(layer.d_a, layer.d_a, dtype=dtype, device=device),
-                            torch.zeros(layer.d_g, layer.d_g, dtype=dtype, device=device),
-                            torch.zeros(1, dtype=dtype, device=device)]
+        with self._timed("factor"):
+            for i, (a, g) in batch.items():
+                layer, dtype = self.layers[i], self._states[i].dtype
+                device = layer.weight.device
+                if a is not None and g is not None:
+                    tensors += [a[0].formed().mul_(a[1]), g[0].formed().mul_(g[1]), torch.ones(1, dtype=dtype, device=device)]
+                else:
+                    tensors += [torch.zeros(layer.d_a, layer.d_a, dtype=dtype, device=device),
+                                torch.zeros(layer.d_g, layer.d_g, dtype=dtype, device=device),
+                                torch.zeros(1, dtype=dtype, device=device)]
         with self._timed("comm"):
             self.comm.all_reduce_sum(tensors, "factors")
         counts = _to_host(tensors[2::3])  # one host sync for all layers
@@ -645,19 +665,22 @@ class KFACPreconditioner:
         with self._timed("comm"):
             for pending in broadcasts:
                 pending.wait()
-        flags = _to_host([p[-1] for p in payloads])
+        # Every layer's [sum(P * grad), flag] in one host sync: the same numbers on every rank, from which
+        # every rank takes the same decisions and computes the same KL-clip scale.
+        tails = _to_host([p[-2:] for p in payloads])
+        vgs, flags = tails[0::2], tails[1::2]
         # A gathered layer left plain carries no gradient in its payload: every rank averages its own.
-        plain = [i for i in gathered if flags[i] not in (PRECONDITIONED, PRECONDITIONED_AFTER_FAULT)]
+        plain = [i for i in gathered if not _is_preconditioned(flags[i])]
         averaged = self._average_local_gradients(plain)
         with self._timed("precondition"):
-            scale = self._kl_scale(payloads, kl_clip, lr)
+            scale = _kl_scale(vgs, flags, kl_clip, lr)
             for i, (layer, payload) in enumerate(zip(self.layers, payloads)):
                 if layer.weight.grad is None:
                     continue
                 if i in averaged:
                     layer.set_grad_matrix(averaged[i])
                     continue
-                factor = torch.where(_is_preconditioned(payload[-1]), scale.to(payload.dtype), 1.0)
+                factor = scale if _is_preconditioned(flags[i]) else 1.0
                 layer.set_grad_matrix(payload[:-2].view(layer.d_g, layer.d_a), factor)
         return flags
 
@@ -719,17 +742,6 @@ class KFACPreconditioner:
                 f"{self.config.value('damping', self.steps)}), or raise max_consecutive_faults."
             )
 
-    def _kl_scale(self, payloads: list[Tensor], kl_clip: float | None, lr: float | None) -> Tensor:
-        """``nu = min(1, sqrt(kl_clip / |lr^2 sum_l sum(P_l * grad_l)|))`` as a 0-d float64 tensor, computed
-        from broadcast values in a fixed order, so it is bitwise the same on every rank (no host sync)."""
-        device = payloads[0].device if payloads else torch.device("cpu")
-        if kl_clip is None or not payloads:
-            return torch.ones((), dtype=torch.float64, device=device)
-        assert lr is not None
-        vg = torch.stack([(p[-2] * _is_preconditioned(p[-1])).to(torch.float64).to(device) for p in payloads]).sum()
-        ratio = kl_clip / (lr**2 * vg.abs())
-        return torch.clamp(torch.sqrt(ratio), max=1.0)
-
     @contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
         start = time.perf_counter()
@@ -743,12 +755,23 @@ class KFACPreconditioner:
 _Scaled = tuple[BatchFactor, float]
 
 
-def _to_host(scalars: list[Tensor]) -> list[float]:
-    """The values of 0-d/1-element tensors (possibly on several devices) with one device-to-host copy."""
-    if not scalars:
+def _to_host(tensors: list[Tensor]) -> list[float]:
+    """The values of small tensors (possibly on several devices), flattened and concatenated, with one
+    device-to-host copy."""
+    if not tensors:
         return []
-    device = scalars[0].device
-    return torch.stack([t.reshape(()).to(device=device, dtype=torch.float64) for t in scalars]).tolist()
+    device = tensors[0].device
+    return torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]).tolist()
+
+
+def _kl_scale(vgs: list[float], flags: list[float], kl_clip: float | None, lr: float | None) -> float:
+    """``nu = min(1, sqrt(kl_clip / |lr^2 sum_l sum(P_l * grad_l)|))`` over the preconditioned layers, in
+    float64 from broadcast values summed in a fixed order: the same on every rank."""
+    if kl_clip is None:
+        return 1.0
+    assert lr is not None
+    step = lr**2 * abs(sum(v for v, flag in zip(vgs, flags) if _is_preconditioned(flag)))
+    return 1.0 if step == 0.0 else min(1.0, math.sqrt(kl_clip / step))
 
 
 def _spd_inverse(m: Tensor) -> Tensor:
@@ -766,8 +789,8 @@ def _all_finite(t: Tensor) -> Tensor:
     return torch.isfinite(t.sum())
 
 
-def _is_preconditioned(flag: Tensor) -> Tensor:
-    return (flag == PRECONDITIONED) | (flag == PRECONDITIONED_AFTER_FAULT)
+def _is_preconditioned(flag: float) -> bool:
+    return flag in (PRECONDITIONED, PRECONDITIONED_AFTER_FAULT)
 
 
 @contextmanager

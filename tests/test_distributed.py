@@ -4,6 +4,8 @@ as an O(1) error while the two orders of float64 arithmetic agree to better than
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -29,6 +31,16 @@ def make_model() -> nn.Sequential:
     ).double()
 
 
+def make_deep_model() -> nn.Sequential:
+    """:func:`make_model` with a second convolution, whose input is an activation: its A is deferred to
+    ``step()`` (``factors.DeferredFactor``)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Flatten(), nn.Linear(4 * 5 * 5, 8), nn.LayerNorm(8), nn.ReLU(inplace=True), nn.Linear(8, 3),
+    ).double()
+
+
 def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank ``rank``'s batch at ``step``: any rank can rebuild any other rank's batch."""
     g = torch.Generator().manual_seed(1000 * step + rank)
@@ -44,7 +56,8 @@ def params_identical_on_all_ranks(model: nn.Module) -> bool:
 
 
 def _train_and_check(
-    rank: int, world: int, mode: str, method: str, kl_clip: float | None, engine_grad_comm: bool = True
+    rank: int, world: int, mode: str, method: str, kl_clip: float | None, engine_grad_comm: bool = True,
+    make_model: Callable[[], nn.Module] = make_model,
 ) -> dict:
     """Train STEPS steps on ``world`` ranks, checking every layer's preconditioned gradient against the
     dense reference and the parameters against the other ranks'. ``engine_grad_comm``: the engine's DDP
@@ -102,6 +115,12 @@ def test_dpkfac_preconditions_each_layer_with_its_owners_local_factors(ranks, me
     results = ranks(_train_and_check, 2, "dpkfac", method, kl_clip, engine_grad_comm)
     assert results[0]["owners"] == results[1]["owners"]
     assert set(results[0]["owners"].values()) == {0, 1}, "both ranks should own a layer"
+
+
+@pytest.mark.parametrize("mode", ["dpkfac", "dkfac"])
+def test_a_deferred_convolution_factor_matches_the_reference(ranks, mode: str) -> None:
+    results = ranks(_train_and_check, 2, mode, "inverse", 1e-3, True, make_deep_model)
+    assert set(results[0]["owners"].values()) == {0, 1}
 
 
 def test_dpkfac_non_owner_holds_no_factor_and_captures_nothing(ranks) -> None:

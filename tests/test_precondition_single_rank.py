@@ -58,6 +58,18 @@ VARIANTS = {
         lambda: _conv_model(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=False)),
         (2, 6, 5),
     ),
+    # The second convolution's and the second Linear's inputs are activations with more rows than columns:
+    # their A is deferred to step() (factors.DeferredFactor).
+    "conv_after_conv_inplace_relu": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, stride=2, padding=1),
+                              nn.Tanh(), nn.Flatten(), nn.Linear(27, 3)),
+        (2, 6, 5),
+    ),
+    "linear_3d_after_linear": (
+        lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2), nn.ReLU(inplace=True), nn.Flatten(),
+                              nn.Linear(6, 3)),
+        (3, 5),
+    ),
     "conv1d_same_even_kernel_dilated": (
         lambda: _conv1d_model(nn.Conv1d(2, 3, 4, padding="same", dilation=2)),
         (2, 9),
@@ -194,3 +206,19 @@ def test_layer_followed_by_inplace_relu_sees_pre_activation_gradient(in_shape: t
     pre.step()
     _, G = pre.factors("0")
     torch.testing.assert_close(G.double(), ref.batch_factors(model[0], *captured["0"])[1], rtol=1e-5, atol=1e-7)
+
+
+def test_an_activations_factor_is_formed_in_step_and_the_models_inputs_at_once() -> None:
+    """A with many rows is formed in step() from the held layer input (dpkfac's owners build it while
+    results are on the wire), except for the model's input, which a data loader may overwrite."""
+    model = VARIANTS["conv_after_conv_inplace_relu"][0]()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    formed: list[str] = []
+    for layer in pre.layers:
+        build = layer.a_factor
+        layer.a_factor = lambda x, dtype, build=build, name=layer.name: formed.append(name) or build(x, dtype)
+    x, y = torch.randn(BATCH, 2, 6, 5), torch.randint(0, 3, (BATCH,))
+    F.cross_entropy(model(x), y).backward()
+    assert formed == ["0"]  # the Linear's 6 rows are fewer than its 27 columns: copied, never formed
+    pre.step()
+    assert formed == ["0", "2"]
