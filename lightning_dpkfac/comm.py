@@ -103,6 +103,42 @@ class Communicator:
             pending.append((work, flat, bucket))
         return PendingBroadcast(pending, receiving)
 
+    def start_reduce_to_owners(self, parts: dict[int, list[Tensor]], kind: str) -> torch.futures.Future:
+        """Start summing ``parts[o]`` (the same shapes on every rank) over all ranks onto rank ``o``, for
+        every owner ``o`` at once; the returned future completes once this rank's own parts hold their sums
+        (the other parts are left as they are). Counted as one reduce per owner.
+
+        One all-to-all with uneven splits (a reduce-scatter: each rank sends each owner its part, the owner
+        adds the P parts in rank order) when the owners' receive buffers (P times their parts) stay within
+        twice the parts' total: over gloo it takes a fraction of the time of one ``reduce`` per owner (on 2
+        CPU ranks, 160 KB: 0.2 ms against 1.0 ms per reduce). Else one ``reduce`` per owner, which needs no
+        such buffer.
+        """
+        sizes = [sum(t.numel() for t in parts.get(o, [])) for o in range(self.world_size)]
+        for o, tensors in parts.items():
+            self.count(kind, "reduce", sizes[o] * tensors[0].element_size())
+        if self.world_size * max(sizes) > 2 * sum(sizes):
+            futures = []
+            for o, tensors in parts.items():
+                flat = _pack(tensors)
+                work = dist.reduce(flat, dst=self.global_rank(o), group=self.group, async_op=True)
+                # elsewhere than on the owner the reduced value is undefined and unused
+                futures.append(work.get_future().then(partial(_unpack_result, flat=flat, tensors=tensors))
+                               if o == self.rank else work.get_future())
+            return torch.futures.collect_all(futures)
+        send = _pack([t for o in range(self.world_size) for t in parts.get(o, [])])
+        own = self.world_size * sizes[self.rank]
+        received = send.new_empty(own)
+        work = dist.all_to_all_single(received, send, [sizes[self.rank]] * self.world_size, sizes, group=self.group,
+                                      async_op=True)
+        mine = parts.get(self.rank, [])
+
+        def add_up(_: torch.futures.Future) -> None:
+            if mine:
+                _unpack(received.view(self.world_size, -1).sum(0), mine)
+
+        return work.get_future().then(add_up)
+
     def gather_to_owners(self, tensors: Sequence[Tensor], owners: Sequence[int], kind: str) -> dict[int, Tensor]:
         """Collect ``tensors[i]`` (the same shapes on every rank) of all ranks on rank ``owners[i]``.
 
@@ -202,19 +238,14 @@ def owner_reduce_hook(pre, bucket):  # type: ignore[no-untyped-def]
             by_owner[owner].append(piece)
     buffer.div_(comm.world_size)  # all of it, the gradients left local too (see KFACPreconditioner._average_local_gradients)
     futures = []
-    for owner, grads in by_owner.items():
-        flat = _pack(grads)
-        nbytes = flat.numel() * flat.element_size()
-        if owner is None:
-            comm.count("gradients", "all_reduce", nbytes)
-            work = dist.all_reduce(flat, group=comm.group, async_op=True)
-        else:
-            comm.count("gradients", "reduce", nbytes)
-            work = dist.reduce(flat, dst=comm.global_rank(owner), group=comm.group, async_op=True)
-        if owner is None or owner == comm.rank:  # elsewhere the reduced value is undefined and unused
-            futures.append(work.get_future().then(partial(_unpack_result, flat=flat, tensors=grads)))
-        else:
-            futures.append(work.get_future())
+    uncovered = by_owner.pop(None, None)
+    if uncovered is not None:
+        flat = _pack(uncovered)
+        comm.count("gradients", "all_reduce", flat.numel() * flat.element_size())
+        work = dist.all_reduce(flat, group=comm.group, async_op=True)
+        futures.append(work.get_future().then(partial(_unpack_result, flat=flat, tensors=uncovered)))
+    if by_owner:
+        futures.append(comm.start_reduce_to_owners(by_owner, "gradients"))
     if not futures:  # every gradient of the bucket belongs to a layer whose rows are gathered
         return _completed(buffer)
     return torch.futures.collect_all(futures).then(lambda _: buffer)

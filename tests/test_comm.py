@@ -59,3 +59,35 @@ def test_gather_to_owners_stacks_every_ranks_tensor_on_its_owner(ranks) -> None:
         assert res["max"] == [2.0, 5.0]
         # gathers of 6 + 5 floats: (P-1)/P * 44 B; all-reduce of 2 floats: 2 (P-1)/P * 8 B
         assert res["bytes"] == {"gradients": 2 / 3 * 44 + 4 / 3 * 8}
+
+
+def _reduce_to_owners(rank: int, world: int, owners: list[int]) -> dict:
+    comm = Communicator()
+    parts: dict[int, list[torch.Tensor]] = {}
+    for i, owner in enumerate(owners):  # tensor i holds (rank + 1) * (i + 1) on every rank
+        parts.setdefault(owner, []).append(torch.full((i + 2,), float((rank + 1) * (i + 1))))
+    comm.start_reduce_to_owners(parts, "gradients").wait()
+    return {"parts": {o: [t.tolist() for t in ts] for o, ts in parts.items()}, "bytes": dict(comm.bytes_sent)}
+
+
+def _expected_reduce(owners: list[int], world: int, rank: int) -> dict[int, list[list[float]]]:
+    """Sums on the owner; other ranks keep their own values."""
+    out: dict[int, list[list[float]]] = {}
+    for i, owner in enumerate(owners):
+        total = sum((r + 1) * (i + 1) for r in range(world)) if owner == rank else (rank + 1) * (i + 1)
+        out.setdefault(owner, []).append([float(total)] * (i + 2))
+    return out
+
+
+def test_reduce_to_owners_by_one_all_to_all_sums_each_part_on_its_owner(ranks) -> None:
+    owners = [1, 0, 1]  # balanced enough: receive buffers 2 x 5 and 2 x 3 floats <= 2 x 9
+    for rank, res in enumerate(ranks(_reduce_to_owners, 2, owners)):
+        assert res["parts"] == _expected_reduce(owners, 2, rank)
+        assert res["bytes"] == {"gradients": 1 / 2 * 9 * 4}  # one reduce per owner: (P-1)/P * 36 B
+
+
+def test_reduce_to_owners_falls_back_to_reduces_when_one_owner_holds_most(ranks) -> None:
+    owners = [2, 2, 0]  # owner 2 would receive 3 x 5 floats > 2 x 9: one reduce per owner instead
+    for rank, res in enumerate(ranks(_reduce_to_owners, 3, owners)):
+        assert res["parts"] == _expected_reduce(owners, 3, rank)
+        assert res["bytes"] == {"gradients": 2 / 3 * 9 * 4}
