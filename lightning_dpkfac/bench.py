@@ -13,16 +13,17 @@ trials measure it.
 Step time (``--models``): ``--warmup`` steps, then ``--steps`` timed steps (forward, backward, K-FAC
 step, SGD step) per repetition; ``--reps`` repetitions in fresh processes. A fresh batch every step:
 synthetic tensors for the MLP and the Transformer, digits for the CNN. K-FAC uses ``--step-method``
-(default inverse) here and ``--train-method`` (default inverse) in the convergence runs. Every rank
-flushes denormal floats and keeps freed memory (``_tune_cpu_process``), whatever the strategy.
+(default inverse). Every rank flushes denormal floats and keeps freed memory (``_tune_cpu_process``),
+whatever the strategy.
 Convergence (``--tasks``): DDP-SGD, DDP-Adam, dkfac and dpkfac (SGD with momentum plus K-FAC) trained
-side by side on digits (CNN, target 97%) and MNIST-1D (1-D CNN, target 90%), test accuracy after every
-epoch, for each of ``--seeds``; training time is the sum of the strategy's own step times (evaluation
-and data loading excluded).
+side by side on digits (CNN, target 97%) and MNIST-1D (1-D CNN, target 90%), accuracy on the test split
+(``--eval-split val`` for choosing hyper-parameters) every ``--eval-every`` steps and at the end of every
+epoch, for each of ``--seeds``; training time is the sum of the strategy's own step times (evaluation and
+data loading excluded). K-FAC there uses the step-time settings with ``--train-kfac`` applied.
 
 Outputs in ``--out``: ``results.json``, ``results.md`` (tables and the performance goals), and the plots
-``step_time.png`` (breakdown bars), ``bytes.png`` (bytes per step by kind), ``accuracy.png`` (test
-accuracy vs training wall time).
+``step_time.png`` (breakdown bars), ``bytes.png`` (bytes per step by kind), ``accuracy.png`` (accuracy
+vs training wall time).
 
 ``results.json`` schema (``"schema": "lightning_dpkfac.bench/1"``; times in seconds, sizes in bytes):
 
@@ -47,11 +48,11 @@ accuracy vs training wall time).
   trial, and its growth during that trial); ``load_imbalance`` (max/mean owner cost, null for ddp); ``owners``;
   ``blocks`` (with ``--block-dim``): ``max_factor_dim``, ``layers`` (blocks), and ``strategies[s]`` for s in
   dkfac, dpkfac: ``state_bytes`` per rank and ``load_imbalance`` with every layer split into blocks.
-- ``convergence[task]``: ``target`` accuracy; ``runs[s]``: per seed {``seed``, ``curve`` [[epoch,
-  train_s, test_acc], ...], ``time_to_target_s``, ``epochs_to_target`` (null if never reached),
-  ``final_acc``}; ``summary[s]``: {``time_to_target_s``, ``epochs_to_target``, ``final_acc``} each
-  {``median``, ``min``, ``max``} over the seeds (a seed that never reached the target counts as
-  infinite: null), and ``reached`` ("k/n").
+- ``convergence[task]``: ``target`` accuracy, ``split`` ("test" or "val") and ``eval_every``; ``runs[s]``:
+  per seed {``seed``, ``curve`` [[epochs done (fractional), train_s, accuracy], ...], ``time_to_target_s``,
+  ``epochs_to_target`` (fractional; null if never reached), ``final_acc``}; ``summary[s]``:
+  {``time_to_target_s``, ``epochs_to_target``, ``final_acc``} each {``median``, ``min``, ``max``} over the
+  seeds (a seed that never reached the target counts as infinite: null), and ``reached`` ("k/n").
 - ``paper_ratios[model]``: dkfac over dpkfac per rank and step, the paper's three figures:
   ``computation`` (factor + inverse + precondition seconds), ``communication`` (bytes), ``kfac_memory``
   (largest per-rank K-FAC state) and ``peak_rss`` (``bench_report.paper_ratios``).
@@ -70,7 +71,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_dpkfac import models
 from lightning_dpkfac.bench_report import evaluate_goals, paper_ratios, write_markdown, write_plots
 from lightning_dpkfac.comm import KINDS, Communicator, counting_all_reduce_hook
+from lightning_dpkfac.config import KFACConfig, unknown_key_message
 from lightning_dpkfac.data import DigitsDataModule, MNIST1DDataModule
 from lightning_dpkfac.plan import predict_bytes, shapes_of
 from lightning_dpkfac.preconditioner import KFACPreconditioner
@@ -147,6 +149,12 @@ class KFACSettings:
     max_factor_dim: int | None = None
 
 
+KFAC_FIELDS = tuple(f.name for f in fields(KFACSettings))
+#: The convergence trials' K-FAC settings where they differ from KFACSettings' defaults (README: how they
+#: were chosen on the validation split).
+TRAIN_KFAC = ("factor_update_steps=2", "inv_update_steps=4", "factor_decay=0.9")
+
+
 @dataclass(frozen=True)
 class StepTrial:
     """Step-time measurement of ``strategies`` (in ``STEP_STRATEGIES``) on model ``model``, their steps
@@ -165,7 +173,8 @@ class StepTrial:
 @dataclass(frozen=True)
 class TrainTrial:
     """Training of ``strategies`` (in ``TRAIN_STRATEGIES``) on task ``task`` side by side, step by step,
-    from the same initial weights and data order."""
+    from the same initial weights and data order; accuracy on ``split`` ("test" or "val") every
+    ``eval_every`` steps and at the end of every epoch."""
 
     task: str
     strategies: tuple[str, ...]
@@ -176,6 +185,8 @@ class TrainTrial:
     adam_lr: float
     kfac_lr: float
     kfac: KFACSettings
+    eval_every: int = 5
+    split: str = "test"
 
 
 def _device(rank: int) -> torch.device:
@@ -299,7 +310,7 @@ def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
 
 def train_worker(rank: int, world_size: int, trial: TrainTrial) -> dict[str, Any]:
     """Train every strategy ``trial.epochs`` epochs, step by step in turn; per strategy, the curve
-    [[epoch, cumulative training seconds, test accuracy], ...]."""
+    [[epochs done (steps / steps per epoch), cumulative training seconds, accuracy on trial.split], ...]."""
     _tune_cpu_process()
     device = _device(rank)
     make_data, make_net = TASKS[trial.task]
@@ -307,29 +318,33 @@ def train_worker(rank: int, world_size: int, trial: TrainTrial) -> dict[str, Any
     data.setup()
     sampler = DistributedSampler(data.train_set, world_size, rank, shuffle=True, seed=trial.seed)
     loader = DataLoader(data.train_set, batch_size=trial.batch_size, sampler=sampler)
-    x_test, y_test = (t.to(device) for t in data.test_set.tensors)
+    x_eval, y_eval = (t.to(device) for t in getattr(data, f"{trial.split}_set").tensors)
     lrs = {"sgd": trial.lr, "adam": trial.adam_lr, "dkfac": trial.kfac_lr, "dpkfac": trial.kfac_lr}
     contenders = [Contender(s, make_net, trial.kfac, lrs[s], trial.seed, device) for s in trial.strategies]
     train_s = dict.fromkeys(trial.strategies, 0.0)
     curves: dict[str, list[list[float]]] = {s: [] for s in trial.strategies}
+    step = 0
     for epoch in range(1, trial.epochs + 1):
         sampler.set_epoch(epoch)
-        for c in contenders:
-            c.model.train()
         for i, (x, y) in enumerate(loader):
             x, y = x.to(device), y.to(device)
             for c in _rotated(contenders, i):
                 train_s[c.strategy] += c.step(x, y)["step"]
-        for c in contenders:
-            curves[c.strategy].append([epoch, train_s[c.strategy], _accuracy(c.model, x_test, y_test)])
+            step += 1
+            if step % trial.eval_every == 0 or i == len(loader) - 1:
+                for c in contenders:
+                    accuracy = _accuracy(c.model, x_eval, y_eval)
+                    curves[c.strategy].append([step / len(loader), train_s[c.strategy], accuracy])
     return {"curves": curves}
 
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Test accuracy of ``model`` (the same on every rank: parameters are identical)."""
+    """Accuracy of ``model`` on ``(x, y)`` (the same on every rank: parameters are identical), evaluated in
+    eval mode; the model is left in training mode."""
     model.eval()
     correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(512), y.split(512)))
+    model.train()
     return correct / len(y)
 
 
@@ -441,14 +456,15 @@ def summarize_train_trials(trials: Sequence[tuple[TrainTrial, list[dict[str, Any
     """The ``convergence`` section of the schema."""
     out: dict[str, Any] = {}
     for trial, ranks in trials:
-        task = out.setdefault(trial.task, {"target": targets[trial.task], "runs": {}, "summary": {}})
+        task = out.setdefault(trial.task, {"target": targets[trial.task], "split": trial.split,
+                                           "eval_every": trial.eval_every, "runs": {}, "summary": {}})
         for strategy, curve in ranks[0]["curves"].items():
             hit = _first_reaching(curve, task["target"])
             task["runs"].setdefault(strategy, []).append({
                 "seed": trial.seed,
                 "curve": curve,
                 "time_to_target_s": hit[1] if hit else None,
-                "epochs_to_target": int(hit[0]) if hit else None,
+                "epochs_to_target": hit[0] if hit else None,
                 "final_acc": curve[-1][2],
             })
     for task in out.values():
@@ -473,7 +489,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="timed steps per repetition")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the ABC strategy cycle")
     p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="*", type=int, default=list(range(10)),
+                   help="convergence: one run per seed (its weights and data order); 97%% on 360 test digits sits on "
+                        "every method's plateau, so a median needs many")
     p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: digits 20, mnist1d 30)")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (DDP-SGD; step time: all)")
     p.add_argument("--adam-lr", type=float, default=1e-2, help="DDP-Adam learning rate (convergence)")
@@ -489,10 +507,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM (0: not; "
                         "skipped under --max-factor-dim)")
     p.add_argument("--step-method", choices=["eigen", "inverse"], default="inverse",
-                   help="K-FAC decomposition in the step-time trials (inverse: ~1.4x faster steps on the MLP)")
-    p.add_argument("--train-method", choices=["eigen", "inverse"], default="inverse",
-                   help="K-FAC decomposition in the convergence trials (inverse at damping 0.1 reached the targets "
-                        "in fewer epochs than eigen at 1e-2, and its decompositions cost less)")
+                   help="K-FAC decomposition (inverse: ~1.4x faster steps on the MLP; at damping 0.1 it reached the "
+                        "targets in fewer epochs than eigen at 1e-2)")
+    p.add_argument("--train-kfac", nargs="*", metavar="KEY=VALUE", default=list(TRAIN_KFAC),
+                   help="K-FAC settings of the convergence trials that differ from the step-time trials' (fields of "
+                        f"KFACSettings; default: {' '.join(TRAIN_KFAC)}, chosen on the validation split: README)")
+    p.add_argument("--eval-every", type=int, default=5, help="convergence: evaluate every this many steps (and at "
+                   "the end of every epoch)")
+    p.add_argument("--eval-split", choices=["test", "val"], default="test",
+                   help="convergence: the split whose accuracy is reported (val: for choosing hyper-parameters)")
     p.add_argument("--quick", action="store_true", help="a smoke run for CI: fewer steps, epochs and seeds")
     args = p.parse_args(argv)
     if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
@@ -501,6 +524,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--max-factor-dim={args.max_factor_dim} is invalid: it must be >= 2 (KFACConfig.max_factor_dim).")
     if args.block_dim and args.block_dim < 2:
         p.error(f"--block-dim={args.block_dim} is invalid: it must be 0 (no block trials) or >= 2.")
+    if args.eval_every < 1:
+        p.error(f"--eval-every={args.eval_every} is invalid: it must be >= 1.")
+    try:
+        args.train_kfac = parse_overrides(args.train_kfac)
+    except ValueError as error:
+        p.error(f"--train-kfac: {error}")
     if args.quick:
         args.warmup, args.steps, args.reps, args.seeds = 2, 10, 1, args.seeds[:1]
         args.epochs = args.epochs or 3
@@ -511,6 +540,29 @@ EPOCHS = {"digits": 20, "mnist1d": 30}
 TARGETS = {"digits": 0.97, "mnist1d": 0.90}
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["factor_update_steps=2", ...]`` as ``{"factor_update_steps": 2, ...}``: keys are
+    :class:`KFACSettings` fields, values ints, floats, ``None`` or strings. Raises ``ValueError`` naming
+    an unknown key, an item without ``=``, or a value :class:`KFACConfig` refuses."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"'{item}' is not KEY=VALUE")
+        if key not in KFAC_FIELDS:
+            raise ValueError(unknown_key_message(key, KFAC_FIELDS, "KFACSettings"))
+        value: Any = text
+        for convert in (int, float):
+            try:
+                value = convert(text)
+                break
+            except ValueError:
+                continue
+        out[key] = None if text == "None" else value
+    KFACConfig(**asdict(KFACSettings(**out)))  # the engine's own checks, before any rank starts
+    return out
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every trial and write the outputs; return the results."""
     kfac = KFACSettings(damping=args.damping, factor_update_steps=args.factor_update_steps,
@@ -519,7 +571,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     # Unless every trial splits already (--max-factor-dim), K-FAC state is also measured with blocks.
     splits = args.block_dim and args.max_factor_dim is None
     kfac_blocks = KFACSettings(**{**asdict(kfac), "max_factor_dim": args.block_dim}) if splits else None
-    kfac_train = KFACSettings(**{**asdict(kfac), "method": args.train_method})
+    kfac_train = KFACSettings(**{**asdict(kfac), **args.train_kfac})
     load_start = os.getloadavg()
 
     def trials(items: list[Any], worker: Callable[..., Any], what: Callable[[Any], str]) -> list[tuple[Any, Any]]:
@@ -542,7 +594,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                     step_worker, lambda t: f"K-FAC state with blocks of at most {t.kfac.max_factor_dim}: "
                                            f"{t.model}, {t.strategies[0]}")
     training = trials([TrainTrial(t, TRAIN_STRATEGIES, seed, args.epochs or EPOCHS[t], args.batch_size, args.lr,
-                                  args.adam_lr, args.kfac_lr, kfac_train) for t in args.tasks for seed in args.seeds],
+                                  args.adam_lr, args.kfac_lr, kfac_train, args.eval_every, args.eval_split)
+                       for t in args.tasks for seed in args.seeds],
                       train_worker, lambda t: f"convergence: {t.task}, seed {t.seed}")
     results: dict[str, Any] = {
         "schema": SCHEMA,

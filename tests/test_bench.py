@@ -70,8 +70,10 @@ def test_convergence_curves_and_summary_for_all_four_strategies(tiny_run) -> Non
     _, results = tiny_run
     digits = results["convergence"]["digits"]
     assert set(digits["runs"]) == set(digits["summary"]) == {"sgd", "adam", "dkfac", "dpkfac"}
-    epoch, train_s, acc = digits["runs"]["dpkfac"][0]["curve"][0]
-    assert epoch == 1 and train_s > 0 and 0 <= acc <= 1
+    curve = digits["runs"]["dpkfac"][0]["curve"]
+    assert [round(epoch, 6) for epoch, _, _ in curve] == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+    assert all(train_s > 0 and 0 <= acc <= 1 for _, train_s, acc in curve)
+    assert digits["split"] == "test" and digits["eval_every"] == 5
 
 
 def test_goals_are_listed_with_their_measured_value(tiny_run) -> None:
@@ -100,6 +102,17 @@ def test_one_rank_reports_no_communication_ratio() -> None:
 def test_invalid_block_sizes_are_refused_before_any_trial(flags: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(flags)
+
+
+def test_train_kfac_overrides_are_parsed_and_checked_before_any_trial() -> None:
+    args = parse_args(["--train-kfac", "factor_update_steps=5", "inv_update_steps=10", "factor_decay=0.5",
+                       "method=eigen", "max_factor_dim=None"])
+    assert args.train_kfac == {"factor_update_steps": 5, "inv_update_steps": 10, "factor_decay": 0.5,
+                               "method": "eigen", "max_factor_dim": None}
+    assert parse_args([]).train_kfac == {"factor_update_steps": 2, "inv_update_steps": 4, "factor_decay": 0.9}
+    for bad in (["dampin=0.1"], ["damping"], ["inv_update_steps=3", "factor_update_steps=2"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--train-kfac", *bad])
 
 
 def test_quick_mode_shrinks_the_run() -> None:
