@@ -6,11 +6,12 @@ folded later with one fused product ``F <- beta F + alpha r^T r`` (no d x d temp
 for the running average). dpkfac keeps rows (only the owner folds its own captures); dkfac forms the
 matrices, which it all-reduces.
 
-A capture with many rows (a convolution's im2col patches) can also be *deferred*: a
-:class:`DeferredFactor` holds the layer input, which autograd keeps until the layer's backward anyway,
-and forms the matrix when it is first needed. dpkfac's owners then build their factors inside ``step()``
-while the other owners' preconditioned gradients are on the wire (``KFACPreconditioner``), instead of in
-the forward pass, where every other rank would wait for them at the next gradient reduce.
+A capture whose rows are larger than the layer input (a convolution's im2col patches) can also be
+*deferred*: a :class:`DeferredFactor` holds the layer input, which autograd keeps until the layer's
+backward anyway, and forms the matrix when it is first needed. dpkfac's owners then build their factors
+inside ``step()`` while the other owners' preconditioned gradients are on the wire
+(``KFACPreconditioner``), instead of in the forward pass, where every other rank would wait for them at
+the next gradient reduce.
 """
 
 from __future__ import annotations

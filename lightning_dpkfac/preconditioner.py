@@ -24,8 +24,8 @@ decomposition is retried in float64 and then with 10x damping before the last go
 Captures happen in module hooks during forward/backward of a step whose index is a multiple of
 ``factor_update_steps``: ``A`` in a forward hook, ``G`` in a hook on the layer's output tensor (full
 backward hooks break with ``ReLU(inplace=True)``). Only modules in training mode with grad enabled are
-captured, so validation passes never touch the factors. An ``A`` with many rows (a convolution's
-patches) is formed later, in ``step()``, from the layer input (``factors.DeferredFactor``).
+captured, so validation passes never touch the factors. The ``A`` of a convolution whose input is an
+activation is formed later, in ``step()``, from that input (``factors.DeferredFactor``).
 """
 
 from __future__ import annotations
@@ -377,12 +377,14 @@ class KFACPreconditioner:
             rows = layer.a_row_count(output)
             if rows <= layer.n_w:  # few rows (a Linear on a small batch): a copy of them
                 state.a_batch.add(layer.a_rows(x, state.dtype), 1 / rows, self._keeps_rows)
-            elif inputs[0].grad_fn is not None:
-                # An activation, which autograd keeps until this layer's backward and no data loader reuses:
-                # A is formed in step(), where dpkfac's owners build it while other owners' results are on
-                # the wire, rather than here, where the other ranks would wait for it at the gradient reduce.
+            elif rows * layer.n_w > x.numel() and inputs[0].grad_fn is not None:
+                # Patches larger than the input (a convolution's im2col), of an activation (autograd keeps it
+                # until this layer's backward, and no data loader reuses it): A is formed in step(), where
+                # dpkfac's owners build it while other owners' results are on the wire, rather than here,
+                # where the other ranks would wait for it at the gradient reduce and the patches would add
+                # to the forward pass's peak memory. Holding the input costs less than those patches.
                 state.a_batch.add(DeferredFactor(x, partial(self._a_factor, index, x), layer.name), None, self._keeps_rows)
-            else:  # the model's input, which a loader may overwrite in place before step()
+            else:  # the rows are the input itself (a Linear), or the model's input, which a loader may reuse
                 state.a_batch.add(layer.a_factor(x, state.dtype), None, self._keeps_rows)
             state.a_count += 1
         if output.requires_grad:

@@ -58,8 +58,9 @@ VARIANTS = {
         lambda: _conv_model(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=False)),
         (2, 6, 5),
     ),
-    # The second convolution's and the second Linear's inputs are activations with more rows than columns:
-    # their A is deferred to step() (factors.DeferredFactor).
+    # The second convolution's input is an activation whose patches outnumber it: its A is formed in step()
+    # (factors.DeferredFactor). The second Linear's input is an activation with more rows than columns, whose
+    # rows are the input itself: its A is formed in the forward pass.
     "conv_after_conv_inplace_relu": (
         lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, stride=2, padding=1),
                               nn.Tanh(), nn.Flatten(), nn.Linear(27, 3)),
@@ -208,17 +209,24 @@ def test_layer_followed_by_inplace_relu_sees_pre_activation_gradient(in_shape: t
     torch.testing.assert_close(G.double(), ref.batch_factors(model[0], *captured["0"])[1], rtol=1e-5, atol=1e-7)
 
 
-def test_an_activations_factor_is_formed_in_step_and_the_models_inputs_at_once() -> None:
-    """A with many rows is formed in step() from the held layer input (dpkfac's owners build it while
-    results are on the wire), except for the model's input, which a data loader may overwrite."""
-    model = VARIANTS["conv_after_conv_inplace_relu"][0]()
+@pytest.mark.parametrize(("variant", "in_forward", "in_step"), [
+    # conv "2" reads an activation whose patches outnumber it; the Linear's 6 rows are fewer than its 27
+    # columns (copied, never formed); conv "0" reads the model's input, which a data loader may overwrite.
+    ("conv_after_conv_inplace_relu", ["0"], ["2"]),
+    # Linear "2" has 18 rows of 4 columns, the input itself: holding it would save no temporary.
+    ("linear_3d_after_linear", ["0", "2"], []),
+])
+def test_a_convolutions_factor_of_an_activation_is_formed_in_step_the_others_in_forward(
+        variant: str, in_forward: list[str], in_step: list[str]) -> None:
+    make_model, in_shape = VARIANTS[variant]
+    model = make_model()
     pre = KFACPreconditioner(model, kl_clip=None)
     formed: list[str] = []
     for layer in pre.layers:
         build = layer.a_factor
         layer.a_factor = lambda x, dtype, build=build, name=layer.name: formed.append(name) or build(x, dtype)
-    x, y = torch.randn(BATCH, 2, 6, 5), torch.randint(0, 3, (BATCH,))
+    x, y = torch.randn(BATCH, *in_shape), torch.randint(0, 3, (BATCH,))
     F.cross_entropy(model(x), y).backward()
-    assert formed == ["0"]  # the Linear's 6 rows are fewer than its 27 columns: copied, never formed
+    assert formed == in_forward
     pre.step()
-    assert formed == ["0", "2"]
+    assert formed == in_forward + in_step
