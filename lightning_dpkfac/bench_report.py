@@ -249,6 +249,11 @@ def write_plots(results: dict[str, Any], out: Path) -> None:
                     ax.plot([p[1] for p in run["curve"]], [p[2] for p in run["curve"]], color=COLORS[strategy],
                             alpha=0.8, label=strategy if i == 0 else None)
             ax.axhline(data["target"], color="black", linestyle=":", linewidth=1)
+            # Zoom on the approach to the target: 2.5x the slowest median time to it, and 15 points below it.
+            medians = [v["time_to_target_s"]["median"] for v in data["summary"].values()]
+            if all(m is not None for m in medians):
+                ax.set_xlim(0, 2.5 * max(medians))
+                ax.set_ylim(max(0.0, data["target"] - 0.15), 1.0)
             ax.set_xlabel("training wall time (s)")
             ax.set_ylabel(f"{data['split']} accuracy")
             ax.set_title(f"{task}: {data['split']} accuracy vs wall time", fontsize=9)
