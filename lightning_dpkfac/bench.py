@@ -529,7 +529,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         args.train_kfac = parse_overrides(args.train_kfac)
     except ValueError as error:
-        p.error(f"--train-kfac: {error}")
+        p.error(str(error))
+    # The engine's own checks, before any trial starts.
+    for what, settings in (("the K-FAC flags", step_settings), ("--train-kfac on the K-FAC flags", train_settings)):
+        try:
+            KFACConfig(**asdict(settings(args)))
+        except ValueError as error:
+            p.error(f"{what}: {error}")
     if args.quick:
         args.warmup, args.steps, args.reps, args.seeds = 2, 10, 1, args.seeds[:1]
         args.epochs = args.epochs or 3
@@ -541,16 +547,16 @@ TARGETS = {"digits": 0.97, "mnist1d": 0.90}
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["factor_update_steps=2", ...]`` as ``{"factor_update_steps": 2, ...}``: keys are
+    """``["factor_update_steps=2", ...]`` (``--train-kfac``) as ``{"factor_update_steps": 2, ...}``: keys are
     :class:`KFACSettings` fields, values ints, floats, ``None`` or strings. Raises ``ValueError`` naming
-    an unknown key, an item without ``=``, or a value :class:`KFACConfig` refuses."""
+    an unknown key or an item without ``=``."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"'{item}' is not KEY=VALUE")
+            raise ValueError(f"--train-kfac: '{item}' is not KEY=VALUE")
         if key not in KFAC_FIELDS:
-            raise ValueError(unknown_key_message(key, KFAC_FIELDS, "KFACSettings"))
+            raise ValueError("--train-kfac: " + unknown_key_message(key, KFAC_FIELDS, "KFACSettings"))
         value: Any = text
         for convert in (int, float):
             try:
@@ -559,19 +565,27 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             except ValueError:
                 continue
         out[key] = None if text == "None" else value
-    KFACConfig(**asdict(KFACSettings(**out)))  # the engine's own checks, before any rank starts
     return out
+
+
+def step_settings(args: argparse.Namespace) -> KFACSettings:
+    """The K-FAC settings of the step-time trials, from the command line."""
+    return KFACSettings(damping=args.damping, factor_update_steps=args.factor_update_steps,
+                        inv_update_steps=args.inv_update_steps, method=args.step_method,
+                        max_factor_dim=args.max_factor_dim)
+
+
+def train_settings(args: argparse.Namespace) -> KFACSettings:
+    """The K-FAC settings of the convergence trials: the step-time ones with ``--train-kfac`` applied."""
+    return KFACSettings(**{**asdict(step_settings(args)), **args.train_kfac})
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every trial and write the outputs; return the results."""
-    kfac = KFACSettings(damping=args.damping, factor_update_steps=args.factor_update_steps,
-                        inv_update_steps=args.inv_update_steps, method=args.step_method,
-                        max_factor_dim=args.max_factor_dim)
+    kfac, kfac_train = step_settings(args), train_settings(args)
     # Unless every trial splits already (--max-factor-dim), K-FAC state is also measured with blocks.
     splits = args.block_dim and args.max_factor_dim is None
     kfac_blocks = KFACSettings(**{**asdict(kfac), "max_factor_dim": args.block_dim}) if splits else None
-    kfac_train = KFACSettings(**{**asdict(kfac), **args.train_kfac})
     load_start = os.getloadavg()
 
     def trials(items: list[Any], worker: Callable[..., Any], what: Callable[[Any], str]) -> list[tuple[Any, Any]]:

@@ -110,9 +110,11 @@ def test_train_kfac_overrides_are_parsed_and_checked_before_any_trial() -> None:
     assert args.train_kfac == {"factor_update_steps": 5, "inv_update_steps": 10, "factor_decay": 0.5,
                                "method": "eigen", "max_factor_dim": None}
     assert parse_args([]).train_kfac == {"factor_update_steps": 2, "inv_update_steps": 4, "factor_decay": 0.9}
-    for bad in (["dampin=0.1"], ["damping"], ["inv_update_steps=3", "factor_update_steps=2"]):
+    for bad in (["--train-kfac", "dampin=0.1"], ["--train-kfac", "damping"],
+                ["--train-kfac", "inv_update_steps=3", "factor_update_steps=2"],
+                ["--factor-update-steps", "5", "--inv-update-steps", "10", "--train-kfac", "inv_update_steps=4"]):
         with pytest.raises(SystemExit):
-            parse_args(["--train-kfac", *bad])
+            parse_args(bad)
 
 
 def test_quick_mode_shrinks_the_run() -> None:
