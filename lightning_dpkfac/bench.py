@@ -185,8 +185,8 @@ class TrainTrial:
     adam_lr: float
     kfac_lr: float
     kfac: KFACSettings
-    eval_every: int = 5
-    split: str = "test"
+    eval_every: int
+    split: str
 
 
 def _device(rank: int) -> torch.device:
