@@ -86,7 +86,7 @@ from lightning_dpkfac.bench_report import evaluate_goals, paper_ratios, write_ma
 from lightning_dpkfac.comm import KINDS, Communicator, counting_all_reduce_hook
 from lightning_dpkfac.config import KFACConfig, unknown_key_message
 from lightning_dpkfac.data import DigitsDataModule, MNIST1DDataModule
-from lightning_dpkfac.plan import predict_bytes, shapes_of
+from lightning_dpkfac.plan import max_factor_dim_arg, predict_bytes, shapes_of
 from lightning_dpkfac.preconditioner import KFACPreconditioner
 from lightning_dpkfac.ranks import run_ranks
 
@@ -146,7 +146,7 @@ class KFACSettings:
     factor_update_steps: int = 1
     inv_update_steps: int = 10
     method: str = "inverse"
-    max_factor_dim: int | None = None
+    max_factor_dim: int | str | None = None
 
 
 KFAC_FIELDS = tuple(f.name for f in fields(KFACSettings))
@@ -394,8 +394,9 @@ def summarize_step_trials(
     for model, strategies in pooled.items():
         make_net, _ = STEP_MODELS[model]
         example = _step_batches(model, 2, 0, 0, count=1)[0][0]
-        dim = next(iter(strategies.values()))["trial"].kfac.max_factor_dim
-        shapes = shapes_of(make_net(), example_input=example, max_factor_dim=dim)
+        kfac = next(iter(strategies.values()))["trial"].kfac
+        shapes = shapes_of(make_net(), example_input=example, max_factor_dim=kfac.max_factor_dim,
+                           world_size=world_size, inv_update_steps=kfac.inv_update_steps)
         ddp_median = statistics.median(strategies["ddp"]["steps"]) if "ddp" in strategies else None
         section: dict[str, Any] = {}
         for strategy, entry in strategies.items():
@@ -429,7 +430,8 @@ def summarize_step_trials(
             block_dim = next(iter(split.values()))[0]
             out[model]["blocks"] = {
                 "max_factor_dim": block_dim,
-                "layers": len(shapes.split(block_dim).layers),
+                "layers": len(shapes_of(make_net(), max_factor_dim=block_dim, world_size=world_size,
+                                        inv_update_steps=kfac.inv_update_steps).layers),
                 "strategies": {s: {"state_bytes": [r["strategies"][s]["state"] for r in ranks],
                                    "load_imbalance": ranks[0]["strategies"][s]["load_imbalance"]}
                                for s, (_, ranks) in split.items()},
@@ -501,11 +503,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "the Kronecker product gets damping^2 (use ~1e-2 with --*-method eigen)")
     p.add_argument("--factor-update-steps", type=int, default=1)
     p.add_argument("--inv-update-steps", type=int, default=10)
-    p.add_argument("--max-factor-dim", type=int, default=None,
-                   help="KFACConfig.max_factor_dim of every K-FAC trial (default: whole layers)")
-    p.add_argument("--block-dim", type=int, default=256,
-                   help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM (0: not; "
-                        "skipped under --max-factor-dim)")
+    p.add_argument("--max-factor-dim", type=max_factor_dim_arg, default=None,
+                   help="KFACConfig.max_factor_dim of every K-FAC trial: an integer >= 2 or 'auto' (default: whole "
+                        "layers)")
+    p.add_argument("--block-dim", type=block_dim_arg, default="auto",
+                   help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM ('auto': split "
+                        "only the layers above the ranks' fair share; 0: not; skipped under --max-factor-dim)")
     p.add_argument("--step-method", choices=["eigen", "inverse"], default="inverse",
                    help="K-FAC decomposition (inverse: ~1.4x faster steps on the MLP; at damping 0.1 it reached the "
                         "targets in fewer epochs than eigen at 1e-2)")
@@ -520,10 +523,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         p.error(f"--world-size={args.world_size} needs one GPU per rank; found {torch.cuda.device_count()}.")
-    if args.max_factor_dim is not None and args.max_factor_dim < 2:
-        p.error(f"--max-factor-dim={args.max_factor_dim} is invalid: it must be >= 2 (KFACConfig.max_factor_dim).")
-    if args.block_dim and args.block_dim < 2:
-        p.error(f"--block-dim={args.block_dim} is invalid: it must be 0 (no block trials) or >= 2.")
     if args.eval_every < 1:
         p.error(f"--eval-every={args.eval_every} is invalid: it must be >= 1.")
     try:
@@ -544,6 +543,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 EPOCHS = {"digits": 20, "mnist1d": 30}
 TARGETS = {"digits": 0.97, "mnist1d": 0.90}
+
+
+def block_dim_arg(text: str) -> int | str:
+    """``--block-dim``: 0 (no block trials), or a ``--max-factor-dim`` value."""
+    return 0 if text == "0" else max_factor_dim_arg(text)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -605,7 +609,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     # K-FAC state with every layer split into blocks (--block-dim): how far blocks balance memory.
     blocks = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac_blocks)
                      for m in args.models for s in ("dkfac", "dpkfac")] if kfac_blocks is not None else [],
-                    step_worker, lambda t: f"K-FAC state with blocks of at most {t.kfac.max_factor_dim}: "
+                    step_worker, lambda t: f"K-FAC state with max_factor_dim={t.kfac.max_factor_dim}: "
                                            f"{t.model}, {t.strategies[0]}")
     training = trials([TrainTrial(t, TRAIN_STRATEGIES, seed, args.epochs or EPOCHS[t], args.batch_size, args.lr,
                                   args.adam_lr, args.kfac_lr, kfac_train, args.eval_every, args.eval_split)

@@ -15,6 +15,13 @@ COLORS = {"ddp": "tab:gray", "sgd": "tab:gray", "adam": "tab:green", "dkfac": "t
 
 
 # ---------------------------------------------------------------------------------- derived figures
+def split_phrase(max_factor_dim: int | str) -> str:
+    """How a report names the split of the ``blocks`` trials."""
+    if max_factor_dim == "auto":
+        return "split by max_factor_dim=auto (only layers above the ranks' fair share of the work)"
+    return f"split into blocks of at most {max_factor_dim} (max_factor_dim)"
+
+
 def state_total(per_rank: list[dict[str, int]], kinds: tuple[str, ...] = STATE_KINDS) -> list[int]:
     """Per rank: the bytes of ``kinds`` (default: factors + decompositions + capture)."""
     return [sum(r[k] for k in kinds) for r in per_rank]
@@ -86,7 +93,7 @@ def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             add(f"{name}: dpkfac max per-rank K-FAC state x P / dkfac max per-rank state <= 1.10",
                 state_ratio(s), 1.10, lambda v: v <= 1.10)
         if "blocks" in model:
-            add(f"{name}: the same, both with blocks of at most {model['blocks']['max_factor_dim']} (max_factor_dim)",
+            add(f"{name}: the same, both {split_phrase(model['blocks']['max_factor_dim'])}",
                 state_ratio(model["blocks"]["strategies"]), 1.10, lambda v: v <= 1.10)
     mlp = results["step_time"].get("mlp", {}).get("strategies", {})
     if "dpkfac" in mlp and "ddp" in mlp:
@@ -170,8 +177,8 @@ def format_markdown(results: dict[str, Any]) -> str:
             out += ["", f"dpkfac max per-rank state x P / dkfac max per-rank state = {ratio:.3f}"]
         if "blocks" in model:
             b = model["blocks"]
-            out += ["", f"With every layer split into blocks of at most {b['max_factor_dim']} (max_factor_dim; "
-                        f"{b['layers']} blocks), K-FAC state, KiB:", ""]
+            out += ["", f"With layers {split_phrase(b['max_factor_dim'])} ({b['layers']} K-FAC layers and blocks), "
+                        "K-FAC state, KiB:", ""]
             out += _table(["strategy", *STATE_KINDS, "total (max rank)", "total (all ranks)", "owner load max/mean"],
                           [[k, *(_kib(max(r[kind] for r in v["state_bytes"])) for kind in STATE_KINDS),
                             _kib(max(state_total(v["state_bytes"]))), _kib(sum(state_total(v["state_bytes"]))),

@@ -52,7 +52,11 @@ class KFACConfig:
         max_factor_dim: split a layer whose A or G is larger than this into a grid of blocks with factors of
             at most this size, each preconditioned with the diagonal blocks of the layer's factors and owned
             on its own (``layers.Block``): block-diagonal K-FAC, an approximation that lets the ranks share
-            one wide layer's memory and decomposition work; ``None`` never splits; >= 2. (default: None)
+            one wide layer's memory and decomposition work; ``None`` never splits; >= 2. ``"auto"`` splits
+            only the layers too costly for any owner map to balance over the ranks (cost above the total
+            over the world size, ``assignment.block_limits``), each into as few blocks as it takes: whole
+            layers on one rank, and a split that depends on the world size (a checkpoint resumes on as
+            many ranks). (default: None)
         max_consecutive_faults: a layer whose factors, decomposition or preconditioned gradient is
             non-finite on this many optimizer steps in a row stops training with an error; on fewer, it
             just keeps its plain gradient (or last good decomposition) for that step; >= 1. (default: 5)
@@ -72,7 +76,7 @@ class KFACConfig:
     skip_layers: list[str] = field(default_factory=list)
     bucket_cap_mb: float = 25.0
     gather_rows: bool = True
-    max_factor_dim: int | None = None
+    max_factor_dim: int | str | None = None
     max_consecutive_faults: int = 5
 
     def __post_init__(self) -> None:
@@ -94,10 +98,11 @@ class KFACConfig:
             raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb!r} is invalid: it must be > 0.")
         if not isinstance(self.gather_rows, bool):
             raise ValueError(f"gather_rows={self.gather_rows!r} is invalid: it must be True or False.")
-        if self.max_factor_dim is not None and (
+        if self.max_factor_dim not in (None, "auto") and (
             isinstance(self.max_factor_dim, bool) or not isinstance(self.max_factor_dim, int) or self.max_factor_dim < 2
         ):
-            raise ValueError(f"max_factor_dim={self.max_factor_dim!r} is invalid: it must be None or an integer >= 2.")
+            raise ValueError(f"max_factor_dim={self.max_factor_dim!r} is invalid: it must be None, 'auto' or an "
+                             "integer >= 2.")
         if isinstance(self.skip_layers, str) or not all(isinstance(s, str) for s in self.skip_layers):
             raise ValueError(f"skip_layers={self.skip_layers!r} is invalid: it must be a list of strings.")
         self.skip_layers = list(self.skip_layers)

@@ -20,6 +20,8 @@ Blocks (``max_factor_dim``): a layer whose A or G is larger than ``max_factor_di
 last). Each block is a K-FAC "layer" of its own, with factors ``G_rr`` and ``A_cc`` (the diagonal blocks
 of the layer's G and A) and its own owner: block-diagonal factors, the approximation Distributed Shampoo
 makes for large dimensions, which lets owners share one wide layer's memory and decomposition work.
+``max_factor_dim="auto"`` splits only the layers that cost more than their fair share of the ranks' work
+(``assignment.block_limits``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_dpkfac.assignment import LayerShape, block_limits
 
 
 class UnsupportedLayerError(ValueError):
@@ -68,11 +72,10 @@ def block_name(name: str, block: Block) -> str:
     return f"{name}[{block.r0}:{block.r1},{block.c0}:{block.c1}]"
 
 
-def block_grid(d_g: int, d_a: int, max_factor_dim: int | None) -> list[Block]:
-    """The blocks of a (d_g x d_a) layer whose factors are at most ``max_factor_dim`` (row-major order);
-    one block, the whole layer, when both factors fit (or ``max_factor_dim`` is ``None``)."""
-    return [Block(r0, r1, c0, c1) for r0, r1 in split_range(d_g, max_factor_dim)
-            for c0, c1 in split_range(d_a, max_factor_dim)]
+def block_grid(d_g: int, d_a: int, max_rows: int | None, max_cols: int | None) -> list[Block]:
+    """The blocks of a (d_g x d_a) layer with G at most ``max_rows`` and A at most ``max_cols`` (row-major
+    order); one block, the whole layer, when both factors fit (``None``: that side stays whole)."""
+    return [Block(r0, r1, c0, c1) for r0, r1 in split_range(d_g, max_rows) for c0, c1 in split_range(d_a, max_cols)]
 
 
 class KFACLayer(ABC):
@@ -87,18 +90,18 @@ class KFACLayer(ABC):
         self.module = module
         self.block = Block(0, self.weight.shape[0], 0, self._n_w + int(self._module_has_bias))
 
-    def split(self, max_factor_dim: int | None) -> list[KFACLayer]:
+    def split(self, max_rows: int | None, max_cols: int | None) -> list[KFACLayer]:
         """This layer as the blocks of :func:`block_grid` (itself when it is one block), named by
         :func:`block_name`."""
-        blocks = block_grid(self.d_g, self.d_a, max_factor_dim)
+        blocks = block_grid(self.d_g, self.d_a, max_rows, max_cols)
         if len(blocks) == 1:
             return [self]
         if not self.weight.is_contiguous():
             raise UnsupportedLayerError(
-                f"Layer '{self.name}' would be split into {len(blocks)} blocks (max_factor_dim={max_factor_dim}), "
-                "but its weight is not contiguous (e.g. channels_last), and blocks are reduced as views of its "
-                f"gradient. Fix: raise max_factor_dim to {max(self.d_a, self.d_g)}, keep the weight contiguous, "
-                f"or add '{self.name}' to skip_layers."
+                f"Layer '{self.name}' would be split into {len(blocks)} blocks (max_factor_dim), but its weight is "
+                "not contiguous (e.g. channels_last), and blocks are reduced as views of its gradient. Fix: set "
+                f"max_factor_dim to None or at least {max(self.d_a, self.d_g)}, keep the weight contiguous, or add "
+                f"'{self.name}' to skip_layers."
             )
         parts = []
         for block in blocks:
@@ -373,10 +376,11 @@ def make_layer(name: str, module: nn.Module) -> KFACLayer:
     raise TypeError(f"no K-FAC helper for {type(module).__name__}")
 
 
-def discover_layers(model: nn.Module, skip: list[str],
-                    max_factor_dim: int | None = None) -> tuple[list[KFACLayer], dict[str, str]]:
-    """The covered layers of ``model`` in registration order (each split into blocks whose factors are at
-    most ``max_factor_dim``), and the skipped ones with the reason.
+def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str | None = None,
+                    world_size: int = 1, inv_update_steps: int = 10) -> tuple[list[KFACLayer], dict[str, str]]:
+    """The covered layers of ``model`` in registration order, each split into blocks as ``max_factor_dim``
+    (``KFACConfig``) says for ``world_size`` ranks (``assignment.block_limits``), and the skipped ones with
+    the reason.
 
     ``skip`` holds module names or class names; a name that matches nothing is an error (a typo would
     otherwise silently precondition the layer the user meant to skip).
@@ -397,11 +401,12 @@ def discover_layers(model: nn.Module, skip: list[str],
         elif not module.weight.requires_grad:
             skipped[name] = "frozen (weight.requires_grad is False)"
         else:
-            layers += make_layer(name, module).split(max_factor_dim)
+            layers.append(make_layer(name, module))
     known = {name for name, _ in model.named_modules()} | {type(m).__name__ for m in model.modules()}
     unknown = sorted(set(skip) - known)
     if unknown:
         names = [n for n, _ in model.named_modules()][1:6]
         raise ValueError(f"skip_layers names {unknown}, which match no module name or class name in the model. "
                          f"Module names look like {names}.")
-    return layers, skipped
+    limits = block_limits([LayerShape(l.d_a, l.d_g) for l in layers], max_factor_dim, world_size, inv_update_steps)
+    return [part for layer, limit in zip(layers, limits) for part in layer.split(*limit)], skipped

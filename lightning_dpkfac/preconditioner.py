@@ -120,7 +120,8 @@ class KFACPreconditioner:
         self.model = model
         self.comm = Communicator(process_group, int(self.config.bucket_cap_mb * 2**20))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.layers, self.skipped = discover_layers(model, self.config.skip_layers, self.config.max_factor_dim)
+        self.layers, self.skipped = discover_layers(model, self.config.skip_layers, self.config.max_factor_dim,
+                                                    self.world_size, self.config.inv_update_steps)
         self.costs = [layer_cost(LayerShape(l.d_a, l.d_g), self.config.inv_update_steps) for l in self.layers]
         self.owners = assign_owners(self.costs, self.world_size)
         self._layers_of = {r: [i for i, o in enumerate(self.owners) if o == r] for r in range(self.world_size)}
@@ -332,8 +333,12 @@ class KFACPreconditioner:
                                 f"G {entry['d_g']}x{entry['d_g']} in the checkpoint but "
                                 f"A {layer.d_a}x{layer.d_a}, G {layer.d_g}x{layer.d_g} in the model")
         if problems:
-            raise ValueError("The K-FAC state in the checkpoint does not match this model: " + "; ".join(problems)
-                             + ". Was it saved from another model or with other skip_layers or max_factor_dim?")
+            hint = ". Was it saved from another model or with other skip_layers or max_factor_dim?"
+            if self.config.max_factor_dim == "auto" and state["world_size"] != self.world_size:
+                hint = (f". max_factor_dim='auto' splits layers for the world size: the checkpoint was saved on "
+                        f"{state['world_size']} rank(s), this run has {self.world_size}. Fix: resume on "
+                        f"{state['world_size']} rank(s), or train with a fixed max_factor_dim (an integer or None).")
+            raise ValueError("The K-FAC state in the checkpoint does not match this model: " + "; ".join(problems) + hint)
         same_method = state["method"] == self.config.method
         for i, s in self._states.items():
             entry, device = saved[self.layers[i].name], self.layers[i].weight.device

@@ -25,7 +25,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lightning_dpkfac.assignment import LayerShape
+from lightning_dpkfac.assignment import LayerShape, block_limits
 from lightning_dpkfac.layers import block_grid, block_name
 
 
@@ -45,11 +45,13 @@ class ModelShapes:
     other_params: int
     element_size: int = 4
 
-    def split(self, max_factor_dim: int | None) -> ModelShapes:
-        """The table with each layer split into blocks as the engine splits it (``layers.block_grid``)."""
+    def split(self, max_factor_dim: int | str | None, world_size: int = 1, inv_update_steps: int = 10) -> ModelShapes:
+        """The table with each layer split into blocks as the engine splits it on ``world_size`` ranks
+        (``KFACConfig.max_factor_dim``, ``inv_update_steps``)."""
         layers = []
-        for name, shape in self.layers:
-            blocks = block_grid(shape.d_g, shape.d_a, max_factor_dim)
+        limits = block_limits(self.shapes, max_factor_dim, world_size, inv_update_steps)
+        for (name, shape), limit in zip(self.layers, limits):
+            blocks = block_grid(shape.d_g, shape.d_a, *limit)
             if len(blocks) == 1:
                 layers.append((name, shape))
                 continue

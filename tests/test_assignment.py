@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance, rank_loads
+from lightning_dpkfac.assignment import (
+    MIN_AUTO_PART,
+    LayerShape,
+    assign_owners,
+    block_limits,
+    layer_cost,
+    load_imbalance,
+    rank_loads,
+)
+from lightning_dpkfac.shape_tables import BUILTIN
+
+#: The MLP 784-512-512-10 of the benchmark: its first layer costs 65% of the K-FAC work.
+MLP = [LayerShape(785, 512), LayerShape(513, 512), LayerShape(513, 10)]
 
 
 def test_every_layer_gets_exactly_one_owner_in_range() -> None:
@@ -47,3 +59,41 @@ def test_cost_grows_with_factor_size_and_shrinks_with_rarer_inversion() -> None:
 def test_world_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="world_size=0"):
         assign_owners([1.0], 0)
+
+
+def test_a_fixed_max_factor_dim_bounds_both_sides_of_every_layer() -> None:
+    assert block_limits(MLP, 256) == [(256, 256)] * 3
+    assert block_limits(MLP, None, world_size=8) == [(None, None)] * 3
+
+
+def test_auto_leaves_every_layer_whole_on_one_rank() -> None:
+    assert block_limits(MLP, "auto", world_size=1) == [(512, 785), (512, 513), (10, 513)]
+
+
+def test_auto_cuts_only_a_layer_above_the_fair_share_and_its_larger_side_first() -> None:
+    # 785 columns -> 2 x 393 brings the first layer under half the total; G (512) stays whole
+    assert block_limits(MLP, "auto", world_size=2) == [(512, 393), (512, 513), (10, 513)]
+
+
+@pytest.mark.parametrize("world_size", [2, 8, 64, 1024])
+@pytest.mark.parametrize("table", list(BUILTIN))
+def test_every_auto_block_fits_the_fair_share_unless_its_sides_reach_the_floor(table: str, world_size: int) -> None:
+    shapes = BUILTIN[table]().shapes
+    fair = sum(layer_cost(s, 10) for s in shapes) / world_size
+    for shape, (rows, cols) in zip(shapes, block_limits(shapes, "auto", world_size)):
+        if layer_cost(shape, 10) <= fair:
+            assert (rows, cols) == (shape.d_g, shape.d_a)
+        else:
+            floor = rows < 2 * MIN_AUTO_PART and cols < 2 * MIN_AUTO_PART
+            assert layer_cost(LayerShape(cols, rows), 10) <= fair or floor, (shape, rows, cols)
+            assert min(rows, cols) >= min(MIN_AUTO_PART, shape.d_g, shape.d_a)
+
+
+def test_auto_balances_resnet50_on_64_ranks_with_few_blocks() -> None:
+    shapes = BUILTIN["resnet50"]()
+    whole, auto = shapes.shapes, shapes.split("auto", 64).shapes
+    imbalance = {name: load_imbalance(costs, assign_owners(costs, 64), 64)
+                 for name, costs in (("whole", [layer_cost(s, 10) for s in whole]),
+                                     ("auto", [layer_cost(s, 10) for s in auto]))}
+    assert imbalance["auto"] < 2.0 < 10 < imbalance["whole"]
+    assert len(auto) < 1.5 * len(whole)

@@ -46,16 +46,16 @@ def test_measured_bytes_per_step_equal_the_planners_prediction(tiny_run) -> None
     assert results["step_time"]["mlp"]["strategies"]["dpkfac"]["bytes_per_step"]["factors"] == 0.0
 
 
-def test_memory_is_also_measured_with_every_layer_split_into_blocks(tiny_run) -> None:
+def test_memory_is_also_measured_with_the_layers_above_the_fair_share_split(tiny_run) -> None:
     _, results = tiny_run
     model = results["step_time"]["mlp"]
     blocks = model["blocks"]
-    assert blocks["max_factor_dim"] == 256 and blocks["layers"] > model["shapes"]["layers"]
+    assert blocks["max_factor_dim"] == "auto" and blocks["layers"] == model["shapes"]["layers"] + 1
     assert set(blocks["strategies"]) == {"dkfac", "dpkfac"}
     largest = {name: max(sum(r.values()) for r in s["dpkfac"]["state_bytes"])
                for name, s in (("whole", model["strategies"]), ("blocks", blocks["strategies"]))}
     assert largest["blocks"] < largest["whole"]
-    assert any("blocks of at most 256" in g["goal"] for g in results["goals"])
+    assert any("max_factor_dim=auto" in g["goal"] for g in results["goals"])
 
 
 def test_the_papers_three_ratios_are_reported_per_model(tiny_run) -> None:
@@ -98,10 +98,17 @@ def test_one_rank_reports_no_communication_ratio() -> None:
     assert ratios == {"computation": 1.0, "communication": None, "kfac_memory": 1.0, "peak_rss": None}
 
 
-@pytest.mark.parametrize("flags", [["--block-dim", "1"], ["--max-factor-dim", "1"]])
+@pytest.mark.parametrize("flags", [["--block-dim", "1"], ["--max-factor-dim", "1"], ["--max-factor-dim", "0"],
+                                   ["--block-dim", "automatic"]])
 def test_invalid_block_sizes_are_refused_before_any_trial(flags: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(flags)
+
+
+def test_block_sizes_take_auto_or_an_integer() -> None:
+    assert parse_args([]).block_dim == "auto" and parse_args(["--block-dim", "0"]).block_dim == 0
+    args = parse_args(["--block-dim", "256", "--max-factor-dim", "auto"])
+    assert (args.block_dim, args.max_factor_dim) == (256, "auto")
 
 
 def test_train_kfac_overrides_are_parsed_and_checked_before_any_trial() -> None:

@@ -31,8 +31,12 @@ def test_split_range_cuts_the_fewest_near_equal_parts_of_at_most_max_size(size: 
 
 
 def test_block_grid_is_one_block_when_both_factors_fit() -> None:
-    assert block_grid(5, 8, 8) == [Block(0, 5, 0, 8)]
-    assert block_grid(5, 8, None) == [Block(0, 5, 0, 8)]
+    assert block_grid(5, 8, 8, 8) == [Block(0, 5, 0, 8)]
+    assert block_grid(5, 8, None, None) == [Block(0, 5, 0, 8)]
+
+
+def test_block_grid_bounds_rows_and_columns_separately() -> None:
+    assert block_grid(5, 8, None, 4) == [Block(0, 5, 0, 4), Block(0, 5, 4, 8)]
 
 
 def test_a_wide_layer_becomes_named_blocks_with_the_bias_in_the_last_column() -> None:
@@ -47,7 +51,7 @@ def test_a_wide_layer_becomes_named_blocks_with_the_bias_in_the_last_column() ->
 
 def test_a_non_contiguous_weight_that_needs_splitting_is_refused_naming_the_layer_and_the_fix() -> None:
     model = nn.Sequential(nn.Conv2d(8, 4, 3)).to(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match=r"Layer '0' would be split into 3 blocks .* raise max_factor_dim to 73"):
+    with pytest.raises(ValueError, match=r"Layer '0' would be split into 3 blocks .* None or at least 73"):
         KFACPreconditioner(model, max_factor_dim=32)
     KFACPreconditioner(model, max_factor_dim=73)  # one block: no view of the gradient needed
 
@@ -62,12 +66,12 @@ def test_a_conv_blocks_input_rows_are_its_columns_of_the_whole_im2col(conv: nn.M
     x = torch.randn(2, 3, 7) if isinstance(conv, nn.Conv1d) else torch.randn(2, 3, 6, 7)
     whole = make_layer("c", conv)
     rows = whole.input_rows(x)
-    for block in whole.split(4):
+    for block in whole.split(4, 4):
         assert torch.equal(block.input_rows(x), rows[:, block.block.c0 : block.block.c0 + block.n_w]), block.name
 
 
-@pytest.mark.parametrize("value", [1, 0, 2.5, True, "64"])
-def test_max_factor_dim_must_be_none_or_an_integer_of_at_least_two(value: object) -> None:
+@pytest.mark.parametrize("value", [1, 0, 2.5, True, "64", "Auto"])
+def test_max_factor_dim_must_be_none_auto_or_an_integer_of_at_least_two(value: object) -> None:
     with pytest.raises(ValueError, match="max_factor_dim"):
         KFACConfig(max_factor_dim=value)  # type: ignore[arg-type]
 
@@ -95,8 +99,15 @@ def make_bias_block_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).double()
 
 
+def make_dominant_model() -> nn.Sequential:
+    """A Linear (A 151, G 8) that costs nearly all the K-FAC work: ``max_factor_dim="auto"`` cuts its columns
+    in two on 2 ranks and keeps the head whole."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(150, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
 MODELS = {"conv": (make_model, (5, 2, 5, 5)), "wide": (make_wide_model, (3, 40)),
-          "bias_block": (make_bias_block_model, (6, 4))}
+          "bias_block": (make_bias_block_model, (6, 4)), "dominant": (make_dominant_model, (6, 150))}
 
 
 def local_batch(model_name: str, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +135,8 @@ def block_grads(pre: KFACPreconditioner, modules: dict[str, nn.Module]) -> dict[
     return out
 
 
-def _train_and_check(rank: int, world: int, model_name: str, mode: str, method: str, max_factor_dim: int) -> dict:
+def _train_and_check(rank: int, world: int, model_name: str, mode: str, method: str,
+                     max_factor_dim: int | str) -> dict:
     """STEPS steps on ``world`` ranks; every block's gradient must equal the dense block reference (dpkfac:
     from its owner's local factors; dkfac: from the global batch's) and parameters must agree across ranks."""
     make = MODELS[model_name][0]
@@ -182,6 +194,16 @@ def _train_and_check(rank: int, world: int, model_name: str, mode: str, method: 
 def test_each_block_is_preconditioned_with_the_diagonal_blocks_of_its_factors(method: str) -> None:
     res = _train_and_check(0, 1, "conv", "dpkfac", method, 4)
     assert res["blocks"] == 5 + 2 * 26 + 2 and res["block_params"] == res["all_params"]
+
+
+def test_auto_keeps_whole_layers_on_one_rank() -> None:
+    assert _train_and_check(0, 1, "dominant", "dpkfac", "eigen", "auto")["blocks"] == 2
+
+
+def test_auto_cuts_only_the_layer_no_owner_map_can_balance_and_matches_the_reference(ranks) -> None:
+    results = ranks(_train_and_check, 2, "dominant", "dpkfac", "inverse", "auto")
+    assert torch.equal(results[0]["params"], results[1]["params"])
+    assert results[0]["owners"] == results[1]["owners"] == {"0[0:8,0:76]": 0, "0[0:8,76:151]": 1, "2": 1}
 
 
 @pytest.mark.parametrize("mode", ["dpkfac", "dkfac"])

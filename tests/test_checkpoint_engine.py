@@ -138,3 +138,29 @@ def test_a_failed_save_leaves_the_previous_checkpoint_file_untouched(tmp_path) -
     with pytest.raises(Exception):
         io_.save_checkpoint({"kfac": pre.state_dict(), "bad": lambda: None}, path)  # unpicklable
     assert path.read_bytes() == before
+
+
+def make_dominant_model() -> nn.Sequential:
+    """A Linear that ``max_factor_dim="auto"`` keeps whole on one rank and cuts in two on two ranks."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(150, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _load_auto_state(rank: int, world: int, state: dict) -> str:
+    pre = KFACPreconditioner(make_dominant_model(), max_factor_dim="auto", **HP)
+    try:
+        pre.load_state_dict(state)
+    except ValueError as error:
+        return str(error)
+    return "loaded"
+
+
+def test_an_auto_split_state_resumes_only_on_the_world_size_it_was_split_for(ranks) -> None:
+    model = make_dominant_model()
+    pre = KFACPreconditioner(model, max_factor_dim="auto", **HP)
+    F.cross_entropy(model(torch.randn(8, 150)), torch.randint(0, 3, (8,))).backward()
+    pre.step()
+    assert _load_auto_state(0, 1, pre.state_dict()) == "loaded"
+    for message in ranks(_load_auto_state, 2, pre.state_dict()):
+        assert "missing layer '0[0:8,0:76]'" in message
+        assert "saved on 1 rank(s), this run has 2. Fix: resume on 1 rank(s)" in message

@@ -120,6 +120,7 @@ def test_a_kfac_override_reaches_the_strategy(compose_config: Callable[..., Dict
     assert (config.damping, config.inv_update_steps, config.skip_layers) == (3e-3, 50, ["net.0"])
     assert config.max_factor_dim == 256
     assert instantiate(compose_config("strategy.max_factor_dim=null").strategy).kfac_config.max_factor_dim is None
+    assert instantiate(compose_config("strategy.max_factor_dim=auto").strategy).kfac_config.max_factor_dim == "auto"
 
 
 def test_a_typo_in_a_kfac_key_fails_with_hydras_error_naming_the_key(

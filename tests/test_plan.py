@@ -140,6 +140,10 @@ def test_cli_takes_an_importable_model_factory() -> None:
 def test_a_split_table_equals_the_engines_own_blocks() -> None:
     assert shapes_of(make_model()).split(40) == shapes_of(make_model(), max_factor_dim=40)
     assert shapes_of(make_model()).split(None) == shapes_of(make_model())
+    for world_size in (1, 2):
+        auto = shapes_of(make_dominant_model(), max_factor_dim="auto", world_size=world_size)
+        assert shapes_of(make_dominant_model()).split("auto", world_size) == auto
+        assert len(auto.layers) == world_size + 1  # the 150-input Linear is cut on 2 ranks only
 
 
 def test_blocks_balance_resnet50_owners_and_memory_on_64_ranks() -> None:
@@ -161,10 +165,17 @@ def test_paper_report_shows_how_blocks_balance_the_64_rank_owner_map() -> None:
     report = main(["--paper"])
     assert "| ResNet-50 | whole layers | 54 | 11.35 | 10 |" in report
     assert "| ResNet-50 | 512 | 157 | 1.04 | 0 |" in report
+    assert "| ResNet-50 | auto | 79 | 1.77 | 0 |" in report  # 25 more blocks instead of 103
 
 
-@pytest.mark.parametrize("value", ["0", "1", "-5"])
-def test_cli_refuses_a_max_factor_dim_below_two(value: str) -> None:
+def test_cli_splits_only_the_layers_above_the_fair_share_with_auto() -> None:
+    report = main(["lightning_dpkfac.models:cnn", "-P", "2", "--max-factor-dim", "auto"])
+    assert report.startswith("lightning_dpkfac.models:cnn: 5 K-FAC layers")  # the 512 -> 64 Linear: 2 blocks
+    assert "6[0:64,0:257]" in report and "6[0:64,257:513]" in report
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-5", "Auto", "x"])
+def test_cli_refuses_a_max_factor_dim_below_two_or_not_auto(value: str) -> None:
     with pytest.raises(SystemExit):
         main(["resnet50", "--max-factor-dim", value])
 
@@ -193,12 +204,19 @@ def make_wide_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(40, 30), nn.LayerNorm(30), nn.Linear(30, 3))
 
 
+def make_dominant_model() -> nn.Sequential:
+    """A Linear that costs more than half the K-FAC work, so ``max_factor_dim="auto"`` cuts it on 2 ranks."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(150, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
 #: name -> (model factory, shape of one rank's batch, max_factor_dim)
 MODELS = {
     "conv": (make_model, (6, 2, 5, 5), None),
     "wide": (make_wide_model, (3, 40), None),
     "conv_blocks": (make_model, (6, 2, 5, 5), 40),  # the Linear's A (101) in three blocks
     "wide_blocks": (make_wide_model, (3, 40), 16),  # six blocks, each gathering its rows
+    "dominant_auto": (make_dominant_model, (6, 150), "auto"),  # the first Linear in two blocks on 2 ranks
 }
 
 
@@ -237,7 +255,8 @@ def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
 @pytest.mark.parametrize("mode", ["ddp", "dkfac", "dpkfac"])
 def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mode: str, model_name: str) -> None:
     make, batch_shape, max_factor_dim = MODELS[model_name]
-    shapes = shapes_of(make(), max_factor_dim=max_factor_dim)
+    shapes = shapes_of(make(), max_factor_dim=max_factor_dim, world_size=world_size,
+                       inv_update_steps=HP["inv_update_steps"])
     predicted = predict_bytes(shapes, world_size, mode, factor_update_steps=HP["factor_update_steps"], steps=STEPS,
                               inv_update_steps=HP["inv_update_steps"],
                               batch_size=batch_shape[0])
