@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lightning_dpkfac.config import check_max_factor_dim
+
 #: ``max_factor_dim="auto"`` never cuts a factor into parts smaller than this: below it a block's
 #: decomposition costs less than the per-block overhead, so cutting buys no balance.
 MIN_AUTO_PART = 64
@@ -53,10 +55,9 @@ def block_limits(shapes: Sequence[LayerShape], max_factor_dim: int | str | None,
     cuts the larger side of such a layer into one more part at a time (parts of at least
     :data:`MIN_AUTO_PART`) until its largest block's cost is within the fair share.
     """
+    check_max_factor_dim(max_factor_dim)
     if max_factor_dim is None or isinstance(max_factor_dim, int):
         return [(max_factor_dim, max_factor_dim)] * len(shapes)
-    if max_factor_dim != "auto":
-        raise ValueError(f"max_factor_dim={max_factor_dim!r} is invalid: it must be None, 'auto' or an integer >= 2.")
     fair = sum(layer_cost(s, inv_update_steps) for s in shapes) / world_size
     return [_fair_share_block(s, fair, inv_update_steps) for s in shapes]
 

@@ -98,11 +98,7 @@ class KFACConfig:
             raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb!r} is invalid: it must be > 0.")
         if not isinstance(self.gather_rows, bool):
             raise ValueError(f"gather_rows={self.gather_rows!r} is invalid: it must be True or False.")
-        if self.max_factor_dim not in (None, "auto") and (
-            isinstance(self.max_factor_dim, bool) or not isinstance(self.max_factor_dim, int) or self.max_factor_dim < 2
-        ):
-            raise ValueError(f"max_factor_dim={self.max_factor_dim!r} is invalid: it must be None, 'auto' or an "
-                             "integer >= 2.")
+        check_max_factor_dim(self.max_factor_dim)
         if isinstance(self.skip_layers, str) or not all(isinstance(s, str) for s in self.skip_layers):
             raise ValueError(f"skip_layers={self.skip_layers!r} is invalid: it must be a list of strings.")
         self.skip_layers = list(self.skip_layers)
@@ -139,6 +135,12 @@ def unknown_key_message(name: str, known: tuple[str, ...], where: str) -> str:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_max_factor_dim(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a valid ``max_factor_dim``: None, "auto" or an integer >= 2."""
+    if value not in (None, "auto") and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise ValueError(f"max_factor_dim={value!r} is invalid: it must be None, 'auto' or an integer >= 2.")
 
 
 def check_value(name: str, value: Any, where: str = "") -> None:

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance
 from lightning_dpkfac.comm import KINDS
+from lightning_dpkfac.config import check_max_factor_dim
 from lightning_dpkfac.layers import KFACLayer, LinearLayer, discover_layers
 from lightning_dpkfac.rows import rows_pay_off
 from lightning_dpkfac.shape_tables import BUILTIN, ModelShapes
@@ -376,15 +377,11 @@ def load_shapes(spec: str, skip_layers: Sequence[str] = (), input_shape: Sequenc
 
 def max_factor_dim_arg(text: str) -> int | str:
     """``--max-factor-dim``: ``auto`` or an integer >= 2 (``KFACConfig.max_factor_dim``)."""
-    if text == "auto":
-        return text
+    value: int | str = int(text) if text.lstrip("-").isdigit() else text
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: it must be 'auto' or an integer >= 2 "
-                                         "(KFACConfig.max_factor_dim)")
+        check_max_factor_dim(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return value
 
 
