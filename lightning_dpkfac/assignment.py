@@ -1,4 +1,5 @@
-"""Who owns which layer: a cost model and a deterministic greedy owner map.
+"""Who owns which layer: a cost model, the blocks ``max_factor_dim`` cuts layers into, and a deterministic
+greedy owner map.
 
 Every rank computes the same map from the same layer shapes, with no communication::
 

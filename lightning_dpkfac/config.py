@@ -55,8 +55,8 @@ class KFACConfig:
             one wide layer's memory and decomposition work; ``None`` never splits; >= 2. ``"auto"`` splits
             only the layers too costly for any owner map to balance over the ranks (cost above the total
             over the world size, ``assignment.block_limits``), each into as few blocks as it takes: whole
-            layers on one rank, and a split that depends on the world size (a checkpoint resumes on as
-            many ranks). (default: None)
+            layers on one rank, and a split that depends on the world size (a checkpoint resumes where
+            each new block lies inside a saved layer or block). (default: None)
         max_consecutive_faults: a layer whose factors, decomposition or preconditioned gradient is
             non-finite on this many optimizer steps in a row stops training with an error; on fewer, it
             just keeps its plain gradient (or last good decomposition) for that step; >= 1. (default: 5)

@@ -88,7 +88,8 @@ class KFACLayer(ABC):
         self.name = name
         self.module_name = name
         self.module = module
-        self.block = Block(0, self.weight.shape[0], 0, self._n_w + int(self._module_has_bias))
+        d_g, d_a = self.module_dims
+        self.block = Block(0, d_g, 0, d_a)
 
     def split(self, max_rows: int | None, max_cols: int | None) -> list[KFACLayer]:
         """This layer as the blocks of :func:`block_grid` (itself when it is one block), named by
@@ -110,6 +111,11 @@ class KFACLayer(ABC):
             part.name = block_name(self.module_name, block)
             parts.append(part)
         return parts
+
+    @property
+    def module_dims(self) -> tuple[int, int]:
+        """``(d_g, d_a)`` of the whole module, whichever block this is."""
+        return self.weight.shape[0], self._n_w + int(self._module_has_bias)
 
     @property
     def is_block(self) -> bool:

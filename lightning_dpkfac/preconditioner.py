@@ -36,7 +36,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -287,12 +287,14 @@ class KFACPreconditioner:
         for i, s in self._states.items():
             if self.owners[i] != self.rank or s.A is None or s.G is None:
                 continue
-            entry: dict[str, Any] = {"d_a": self.layers[i].d_a, "d_g": self.layers[i].d_g}
+            layer = self.layers[i]
+            entry: dict[str, Any] = {"d_a": layer.d_a, "d_g": layer.d_g, "module": layer.module_name,
+                                     "module_dims": list(layer.module_dims), "block": list(astuple(layer.block))}
             for key in _STATE_TENSORS:
                 tensor = getattr(s, key)
                 if tensor is not None:
                     entry[key] = tensor.detach().cpu().clone()
-            layers[self.layers[i].name] = entry
+            layers[layer.name] = entry
         return {
             "format": STATE_FORMAT,
             "steps": self.steps,
@@ -323,9 +325,10 @@ class KFACPreconditioner:
         layers it holds under *this* run's owner map. Raises ``ValueError`` naming any mismatch."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a K-FAC state of format {STATE_FORMAT}: got keys {sorted(state)[:8]}")
-        saved = state["layers"]
+        saved, recut, sources = self._recut(state["layers"])
         problems = [f"missing layer '{l.name}'" for l in self.layers if l.name not in saved]
-        problems += [f"unexpected layer '{n}'" for n in saved if n not in {l.name for l in self.layers}]
+        problems += [f"unexpected layer '{n}'" for n in state["layers"]
+                     if n not in {l.name for l in self.layers} | sources]
         for layer in self.layers:
             entry = saved.get(layer.name)
             if entry is not None and (entry["d_a"], entry["d_g"]) != (layer.d_a, layer.d_g):
@@ -336,8 +339,9 @@ class KFACPreconditioner:
             hint = ". Was it saved from another model or with other skip_layers or max_factor_dim?"
             if self.config.max_factor_dim == "auto" and state["world_size"] != self.world_size:
                 hint = (f". max_factor_dim='auto' splits layers for the world size: the checkpoint was saved on "
-                        f"{state['world_size']} rank(s), this run has {self.world_size}. Fix: resume on "
-                        f"{state['world_size']} rank(s), or train with a fixed max_factor_dim (an integer or None).")
+                        f"{state['world_size']} rank(s), this run has {self.world_size}, and a block resumes only "
+                        f"inside a saved layer or block. Fix: resume on {state['world_size']} rank(s), or train "
+                        "with a fixed max_factor_dim (an integer or None).")
             raise ValueError("The K-FAC state in the checkpoint does not match this model: " + "; ".join(problems) + hint)
         same_method = state["method"] == self.config.method
         for i, s in self._states.items():
@@ -356,12 +360,36 @@ class KFACPreconditioner:
             self._rows.restore(list(state["row_layers"]))
         self.faults_total = int(state["faults_total"])
         self._consecutive_faults = [int(state["consecutive_faults"].get(l.name, 0)) for l in self.layers]
-        if not same_method:  # decompositions of the other method are useless: make new ones now
-            damping = self.config.value("damping", self.steps)
-            for i, state_ in self._states.items():  # dkfac: every rank, from the same factors
-                held = self.owners[i] == self.rank or self._shares_decompositions
-                if held and state_.A is not None and state_.G is not None:
-                    self._store_decomposition(state_, self._decompose(state_, damping))
+        # Decompositions of the other method, or of another cut, are useless: make new ones now.
+        damping = self.config.value("damping", self.steps)
+        for i, state_ in self._states.items():  # dkfac: every rank, from the same factors
+            held = self.owners[i] == self.rank or self._shares_decompositions
+            stale = not same_method or self.layers[i].name in recut
+            if stale and held and state_.A is not None and state_.G is not None:
+                self._store_decomposition(state_, self._decompose(state_, damping))
+
+    def _recut(self, saved: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], set[str], set[str]]:
+        """``saved`` (a state's layers) plus, for each of this run's blocks that it lacks, the diagonal blocks
+        of its factors sliced from a saved layer or block of the same module that contains it (exact: a
+        block's factors are those diagonal blocks). Returns the entries, the names of the re-cut layers,
+        and the saved names they were cut from."""
+        out, recut, sources = dict(saved), set(), set()
+        for layer in self.layers:
+            if layer.name in saved:
+                continue
+            b = layer.block
+            for name, entry in saved.items():
+                s0, s1, t0, t1 = entry.get("block", (0, entry["d_g"], 0, entry["d_a"]))
+                if (entry.get("module", name) == layer.module_name
+                        and tuple(entry.get("module_dims", (entry["d_g"], entry["d_a"]))) == layer.module_dims
+                        and s0 <= b.r0 and b.r1 <= s1 and t0 <= b.c0 and b.c1 <= t1):
+                    out[layer.name] = {"d_a": layer.d_a, "d_g": layer.d_g,
+                                       "A": entry["A"][b.c0 - t0 : b.c1 - t0, b.c0 - t0 : b.c1 - t0].clone(),
+                                       "G": entry["G"][b.r0 - s0 : b.r1 - s0, b.r0 - s0 : b.r1 - s0].clone()}
+                    recut.add(layer.name)
+                    sources.add(name)
+                    break
+        return out, recut, sources
 
     def remove_hooks(self) -> None:
         """Detach from the model; the preconditioner stops capturing."""

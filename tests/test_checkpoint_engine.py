@@ -68,8 +68,26 @@ def test_state_of_another_model_is_refused_naming_the_mismatch() -> None:
         KFACPreconditioner(other, **HP).load_state_dict(pre.state_dict())
     with pytest.raises(ValueError, match=r"unexpected layer '4'.*other skip_layers"):
         KFACPreconditioner(model, skip_layers=["4"], **HP).load_state_dict(pre.state_dict())
-    with pytest.raises(ValueError, match=r"missing layer '0\[0:4,0:4\]'.*or max_factor_dim"):
-        KFACPreconditioner(model, max_factor_dim=4, **HP).load_state_dict(pre.state_dict())
+    blocks = KFACPreconditioner(model, max_factor_dim=4, **HP)
+    train(model, blocks, range(1))
+    with pytest.raises(ValueError, match=r"missing layer '0'.*unexpected layer '0\[0:4,0:4\]'.*or max_factor_dim"):
+        KFACPreconditioner(model, **HP).load_state_dict(blocks.state_dict())  # a coarser cut: not in the state
+
+
+def test_a_state_resumes_with_a_finer_cut_from_the_diagonal_blocks_of_its_factors() -> None:
+    model = make_model()
+    pre = KFACPreconditioner(model, **HP)
+    train(model, pre, range(2))
+    blocks = KFACPreconditioner(model, max_factor_dim=4, **HP)
+    blocks.load_state_dict(pre.state_dict())
+    for layer in blocks.layers:
+        A, G = pre.factors(layer.module_name)
+        b = layer.block
+        assert torch.equal(blocks.factors(layer.name)[0], A[b.c0 : b.c1, b.c0 : b.c1]), layer.name
+        assert torch.equal(blocks.factors(layer.name)[1], G[b.r0 : b.r1, b.r0 : b.r1]), layer.name
+        assert blocks._states[blocks.layers.index(layer)].decomposed(), layer.name  # rebuilt for the new cut
+    grads = train(model, blocks, range(2, 3))  # step 2 is not a decomposition step: the rebuilt ones are used
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_changing_method_on_resume_rebuilds_the_decompositions() -> None:
@@ -155,12 +173,24 @@ def _load_auto_state(rank: int, world: int, state: dict) -> str:
     return "loaded"
 
 
-def test_an_auto_split_state_resumes_only_on_the_world_size_it_was_split_for(ranks) -> None:
+def _auto_state_of_two_ranks(rank: int, world: int) -> dict | None:
+    model = make_dominant_model()
+    ddp = DistributedDataParallel(model)
+    pre = KFACPreconditioner(model, max_factor_dim="auto", **HP)
+    pre.register_ddp_comm_hook(ddp)
+    F.cross_entropy(ddp(torch.randn(8, 150)), torch.randint(0, 3, (8,))).backward()
+    pre.step()
+    return pre.gather_state_dict(dst=0)
+
+
+def test_an_auto_state_resumes_where_its_cut_contains_the_new_one(ranks) -> None:
+    """One rank keeps the 150-input Linear whole, two cut it in two: whole -> halves resumes (the halves'
+    factors are diagonal blocks of the whole ones), halves -> whole cannot."""
     model = make_dominant_model()
     pre = KFACPreconditioner(model, max_factor_dim="auto", **HP)
     F.cross_entropy(model(torch.randn(8, 150)), torch.randint(0, 3, (8,))).backward()
     pre.step()
-    assert _load_auto_state(0, 1, pre.state_dict()) == "loaded"
-    for message in ranks(_load_auto_state, 2, pre.state_dict()):
-        assert "missing layer '0[0:8,0:76]'" in message
-        assert "saved on 1 rank(s), this run has 2. Fix: resume on 1 rank(s)" in message
+    assert ranks(_load_auto_state, 2, pre.state_dict()) == ["loaded", "loaded"]
+    message = _load_auto_state(0, 1, ranks(_auto_state_of_two_ranks, 2)[0])
+    assert "missing layer '0'" in message
+    assert "saved on 2 rank(s), this run has 1, and a block resumes only inside a saved layer or block" in message
