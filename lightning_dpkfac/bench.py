@@ -430,8 +430,7 @@ def summarize_step_trials(
             block_dim = next(iter(split.values()))[0]
             out[model]["blocks"] = {
                 "max_factor_dim": block_dim,
-                "layers": len(shapes_of(make_net(), max_factor_dim=block_dim, world_size=world_size,
-                                        inv_update_steps=kfac.inv_update_steps).layers),
+                "layers": len(shapes.split(block_dim, world_size, kfac.inv_update_steps).layers),
                 "strategies": {s: {"state_bytes": [r["strategies"][s]["state"] for r in ranks],
                                    "load_imbalance": ranks[0]["strategies"][s]["load_imbalance"]}
                                for s, (_, ranks) in split.items()},
