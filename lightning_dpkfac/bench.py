@@ -47,7 +47,8 @@ vs training wall time).
   ``peak_rss_bytes`` and ``rss_growth_bytes`` per rank (peak resident memory of the single-strategy
   trial, and its growth during that trial); ``load_imbalance`` (max/mean owner cost, null for ddp); ``owners``;
   ``blocks`` (with ``--block-dim``): ``max_factor_dim``, ``layers`` (blocks), and ``strategies[s]`` for s in
-  dkfac, dpkfac: ``state_bytes`` per rank and ``load_imbalance`` with every layer split into blocks.
+  dkfac, dpkfac: ``state_bytes`` per rank and ``load_imbalance`` with layers split by
+  ``max_factor_dim=--block-dim`` (default ``auto``).
 - ``convergence[task]``: ``target`` accuracy, ``split`` ("test" or "val") and ``eval_every``; ``runs[s]``:
   per seed {``seed``, ``curve`` [[epochs done (fractional), train_s, accuracy], ...], ``time_to_target_s``,
   ``epochs_to_target`` (fractional; null if never reached), ``final_acc``}; ``summary[s]``:
@@ -605,7 +606,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     memory = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac)
                      for m in args.models for s in STEP_STRATEGIES],
                     step_worker, lambda t: f"peak memory: {t.model}, {t.strategies[0]}")
-    # K-FAC state with every layer split into blocks (--block-dim): how far blocks balance memory.
+    # K-FAC state with layers split by max_factor_dim=--block-dim: how far blocks balance memory.
     blocks = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac_blocks)
                      for m in args.models for s in ("dkfac", "dpkfac")] if kfac_blocks is not None else [],
                     step_worker, lambda t: f"K-FAC state with max_factor_dim={t.kfac.max_factor_dim}: "

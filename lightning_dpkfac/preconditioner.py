@@ -327,8 +327,8 @@ class KFACPreconditioner:
             raise ValueError(f"not a K-FAC state of format {STATE_FORMAT}: got keys {sorted(state)[:8]}")
         saved, recut, sources = self._recut(state["layers"])
         problems = [f"missing layer '{l.name}'" for l in self.layers if l.name not in saved]
-        problems += [f"unexpected layer '{n}'" for n in state["layers"]
-                     if n not in {l.name for l in self.layers} | sources]
+        known = {l.name for l in self.layers} | sources
+        problems += [f"unexpected layer '{n}'" for n in state["layers"] if n not in known]
         for layer in self.layers:
             entry = saved.get(layer.name)
             if entry is not None and (entry["d_a"], entry["d_g"]) != (layer.d_a, layer.d_g):
