@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 SUMMARY = "summary.json"
 COLUMNS = ("run", "strategy", "model", "test_acc", "test_loss", "val_acc", "train_steps", "wall_time_s",
@@ -95,24 +96,40 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
 
 
-def plot(runs: list[Run], out: Path) -> None:
-    """A 2x2 figure: each metric of ``CURVES`` against step (left) and wall time (right)."""
-    fig = Figure(figsize=(12, 8), layout="constrained")
+def figure(runs: list[Run]) -> Figure:
+    """A 2x2 figure: each metric of ``CURVES`` against step (left) and wall time (right); a run has one
+    colour in every panel, named in one legend below them all. Log axes are labelled in plain decimals."""
+    fig = Figure(figsize=(12, 8.5), layout="constrained")
     axes = fig.subplots(len(CURVES), 2, squeeze=False)
     for row, (metric, ylabel, log) in enumerate(CURVES):
         for col, xlabel in enumerate(("optimizer step", "wall time since training started (s)")):
             ax = axes[row][col]
-            for run in runs:
+            for i, run in enumerate(runs):
                 if metric in run.curves:
                     steps, seconds, values = run.curves[metric]
-                    ax.plot(steps if col == 0 else seconds, values, marker="." if metric.startswith("val") else None,
-                            label=run.label)
+                    ax.plot(steps if col == 0 else seconds, values, color=f"C{i % 10}",
+                            marker="." if metric.startswith("val") else None, label=run.label)
             ax.set(xlabel=xlabel, ylabel=ylabel)
             if log:
                 ax.set_yscale("log", nonpositive="mask")  # a batch loss can round to exactly 0
+                ax.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+                ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    fig.savefig(out, dpi=100)
+    handles = {line.get_label(): line for ax in axes.flat for line in ax.get_lines()}
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(handles), 3),
+                   fontsize="small")
+    return fig
+
+
+class PlainLogFormatter(LogFormatter):
+    """Labels the ticks that ``LogFormatter`` labels (minor ones too where the axis spans few decades), as
+    plain decimals: 0.02 and 2.5 rather than 2x10^-2 and 2.5x10^0."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        if not super().__call__(x, pos):
+            return ""
+        return np.format_float_positional(x, precision=6, fractional=False, trim="-")  # not 0.30000000000000004
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -130,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(runs, out.with_suffix(".png"))
+    figure(runs).savefig(out.with_suffix(".png"), dpi=100)
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
     return rows
 

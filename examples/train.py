@@ -5,7 +5,7 @@
     python examples/train.py experiment=mnist1d_cnn
     python examples/train.py -m strategy.damping=1e-3,3e-3,1e-2 strategy.inv_update_steps=10,50
 
-Each job writes ``metrics.csv`` (CSV logger) and ``summary.json`` into its Hydra output dir;
+Each job writes ``csv/metrics.csv`` (CSV logger) and ``summary.json`` into its Hydra output dir;
 ``examples/compare_runs.py`` collects a multirun into one table and one plot.
 
 Lightning's default launcher re-runs this command line for ranks 1..N-1 (with the same output dir), so

@@ -1,9 +1,14 @@
 """lightning-dpkfac: K-FAC with distributed preconditioning (DP-KFAC) as a PyTorch Lightning strategy.
 
 Importing the package registers the strategies "dpkfac" and "dkfac" with
-``lightning.pytorch.strategies.StrategyRegistry`` (not ``pytorch_lightning``'s, a separate registry), and
-the typed Hydra schemas ``strategy/dpkfac_schema`` and ``strategy/ddp_schema`` with Hydra's ConfigStore.
+``lightning.pytorch.strategies.StrategyRegistry``, and the typed Hydra schemas ``strategy/dpkfac_schema``
+and ``strategy/ddp_schema`` with Hydra's ConfigStore. Code that uses the separate ``pytorch_lightning``
+package gets the strategy from :mod:`lightning_dpkfac.pytorch_lightning`, which this import loads (and so
+registers) when ``pytorch_lightning`` is already imported; importing it is otherwise left to the user, since
+``pytorch_lightning`` takes seconds to import.
 """
+
+import sys
 
 from lightning_dpkfac import hydra_config  # noqa: F401  (registers the Hydra schemas)
 from lightning_dpkfac.config import KFACConfig
@@ -20,3 +25,6 @@ __all__ = [
     "exit_process",
 ]
 __version__ = "0.1.0"
+
+if "pytorch_lightning" in sys.modules:
+    from lightning_dpkfac import pytorch_lightning  # noqa: F401  (registers the strategies there too)

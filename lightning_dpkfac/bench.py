@@ -481,31 +481,36 @@ def summarize_train_trials(trials: Sequence[tuple[TrainTrial, list[dict[str, Any
 
 
 # ---------------------------------------------------------------------------------- the CLI
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lightning_dpkfac.bench", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m lightning_dpkfac.bench``."""
+    p = argparse.ArgumentParser(prog="python -m lightning_dpkfac.bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output directory")
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--models", nargs="*", default=list(STEP_MODELS), choices=list(STEP_MODELS))
-    p.add_argument("--batch-size", type=int, default=64, help="per rank")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=40, help="timed steps per repetition")
-    p.add_argument("--reps", type=int, default=3, help="repetitions of the ABC strategy cycle")
-    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--world-size", type=int, default=2, help="ranks per trial (one GPU each on CUDA)")
+    p.add_argument("--models", nargs="*", default=list(STEP_MODELS), choices=list(STEP_MODELS),
+                   help="step time: the models timed")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per rank and step")
+    p.add_argument("--warmup", type=int, default=5, help="step time: untimed steps before the timed ones")
+    p.add_argument("--steps", type=int, default=40, help="step time: timed steps per repetition")
+    p.add_argument("--reps", type=int, default=3, help="step time: repetitions of the ABC strategy cycle")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS), help="convergence: the tasks")
     p.add_argument("--seeds", nargs="*", type=int, default=list(range(10)),
                    help="convergence: one run per seed (its weights and data order); 97%% on 360 test digits sits on "
                         "every method's plateau, so a median needs many")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: digits 20, mnist1d 30)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="convergence: epochs per task; None: " + ", ".join(f"{t} {e}" for t, e in EPOCHS.items()))
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (DDP-SGD; step time: all)")
     p.add_argument("--adam-lr", type=float, default=1e-2, help="DDP-Adam learning rate (convergence)")
     p.add_argument("--kfac-lr", type=float, default=0.1, help="dkfac and dpkfac learning rate (convergence)")
     p.add_argument("--damping", type=float, default=0.1,
                    help="K-FAC damping; the inverse method adds it to each factor, so where both factors are small "
-                        "the Kronecker product gets damping^2 (use ~1e-2 with --*-method eigen)")
-    p.add_argument("--factor-update-steps", type=int, default=1)
-    p.add_argument("--inv-update-steps", type=int, default=10)
+                        "the Kronecker product gets damping^2 (use ~1e-2 with --step-method eigen)")
+    p.add_argument("--factor-update-steps", type=int, default=1, help="K-FAC: build factors every this many steps")
+    p.add_argument("--inv-update-steps", type=int, default=10,
+                   help="K-FAC: decompose the factors every this many steps")
     p.add_argument("--max-factor-dim", type=max_factor_dim_arg, default=None,
-                   help="KFACConfig.max_factor_dim of every K-FAC trial: an integer >= 2 or 'auto' (default: whole "
-                        "layers)")
+                   help="KFACConfig.max_factor_dim of every K-FAC trial: an integer >= 2 or 'auto'; None: whole "
+                        "layers")
     p.add_argument("--block-dim", type=block_dim_arg, default="auto",
                    help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM ('auto': split "
                         "only the layers above the ranks' fair share; 0: not; skipped under --max-factor-dim)")
@@ -513,13 +518,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="K-FAC decomposition (inverse: ~1.4x faster steps on the MLP; at damping 0.1 it reached the "
                         "targets in fewer epochs than eigen at 1e-2)")
     p.add_argument("--train-kfac", nargs="*", metavar="KEY=VALUE", default=list(TRAIN_KFAC),
-                   help="K-FAC settings of the convergence trials that differ from the step-time trials' (fields of "
-                        f"KFACSettings; default: {' '.join(TRAIN_KFAC)}, chosen on the validation split: README)")
+                   help="K-FAC settings of the convergence trials where they differ from the step-time trials' "
+                        "(KFACSettings fields; the defaults were chosen on the validation split: README)")
     p.add_argument("--eval-every", type=int, default=5, help="convergence: evaluate every this many steps (and at "
                    "the end of every epoch)")
     p.add_argument("--eval-split", choices=["test", "val"], default="test",
                    help="convergence: the split whose accuracy is reported (val: for choosing hyper-parameters)")
     p.add_argument("--quick", action="store_true", help="a smoke run for CI: fewer steps, epochs and seeds")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, checked as the engine would check it, before any trial starts."""
+    p = build_parser()
     args = p.parse_args(argv)
     if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         p.error(f"--world-size={args.world_size} needs one GPU per rank; found {torch.cuda.device_count()}.")

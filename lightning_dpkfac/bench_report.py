@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_dpkfac.comm import KINDS
+from lightning_dpkfac.extras import needs_extra
 
 PHASES = ("forward_backward", "factor", "inverse", "precondition", "comm", "optimizer", "other")
 STATE_KINDS = ("factors", "decompositions", "capture")
@@ -221,10 +222,11 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------------------------- plots
 def write_plots(results: dict[str, Any], out: Path) -> None:
     """``step_time.png``, ``bytes.png`` and (with convergence runs) ``accuracy.png`` in ``out``."""
-    import matplotlib
+    with needs_extra("plotting the benchmark"):
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     step = results["step_time"]
     if step:

@@ -3,21 +3,33 @@
 ``on_before_optimizer_step`` is the seat: Lightning calls it inside ``optimizer.step(closure)`` after the
 closure ran forward and backward (DDP has synced the gradients) and after AMP unscaled them, and before
 gradient clipping and the real optimizer step. Under gradient accumulation it runs once per optimizer step.
+
+The hooks live in :class:`KFACCallbackMixin`; :class:`KFACCallback` is it on ``lightning.pytorch``'s
+``Callback`` (``lightning_dpkfac.pytorch_lightning`` puts it on ``pytorch_lightning``'s).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
 from lightning_dpkfac.comm import KINDS
 
 if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
     from lightning_dpkfac.preconditioner import KFACPreconditioner
 
 PHASES = ("factor", "inverse", "precondition", "comm")
+
+#: The checkpoint's top-level key for the K-FAC state. Not a callback state: Lightning would then ask a
+#: run resumed with another strategy to "add the following callbacks: ['KFACCallback']", which nobody can act
+#: on; a top-level key is simply ignored there.
+CHECKPOINT_KEY = "lightning_dpkfac"
 
 
 def check_optimizers(optimizers: list[Optimizer], pre: KFACPreconditioner) -> None:
@@ -26,6 +38,12 @@ def check_optimizers(optimizers: list[Optimizer], pre: KFACPreconditioner) -> No
     covered = {id(p) for layer in pre.layers for p in layer.module.parameters(recurse=False)}
     owners = [i for i, opt in enumerate(optimizers)
               if any(id(p) in covered for g in opt.param_groups for p in g["params"])]
+    if not owners and pre.layers:
+        raise ValueError(
+            f"No optimizer holds the parameters of the K-FAC layers {[l.name for l in pre.layers][:5]}, so K-FAC "
+            "would precondition gradients that nothing applies. Fix: give them to the optimizer, freeze them "
+            "(requires_grad=False), or list them in skip_layers."
+        )
     if len(owners) > 1:
         raise ValueError(
             f"The K-FAC layers' parameters are split over optimizers {owners}; K-FAC preconditions them in one "
@@ -42,19 +60,24 @@ def check_optimizers(optimizers: list[Optimizer], pre: KFACPreconditioner) -> No
         )
 
 
-class KFACCallback(pl.Callback):
+class KFACCallbackMixin:
     """Preconditions the gradients of the optimizer that owns the K-FAC layers, then logs, per step:
     ``kfac/time_<phase>`` (seconds on this rank, phases: factor, inverse, precondition, comm),
     ``kfac/bytes_<kind>`` (bytes per rank, kinds: gradients, factors, inverses, preconditioned),
-    ``kfac/faults`` (layers whose K-FAC state was non-finite this step), ``kfac/damping`` and ``kfac/kl_lr``.
+    ``kfac/faults`` (layers whose K-FAC state was non-finite this step), ``kfac/skipped`` (1 when the averaged
+    gradient was non-finite and no update was applied), ``kfac/damping`` and ``kfac/kl_lr``.
 
-    Its checkpoint state is the engine's (factors, decompositions, counters), gathered onto rank 0.
+    It writes the engine's state (factors, decompositions, counters), gathered onto rank 0, into the
+    checkpoint under ``CHECKPOINT_KEY``, and restores it from there.
 
     Args:
         preconditioner: the engine the strategy built.
         log_every_n_steps: log every this many optimizer steps (default: 1; the Trainer's own
             ``log_every_n_steps`` still decides what reaches the logger).
     """
+
+    #: the namespace's rank-zero logging function (its logger is the one Lightning configured)
+    _info: Callable[[str], None]
 
     def __init__(self, preconditioner: KFACPreconditioner, log_every_n_steps: int = 1) -> None:
         self.preconditioner = preconditioner
@@ -63,15 +86,22 @@ class KFACCallback(pl.Callback):
         self._last_times: dict[str, float] = {}
         self._last_bytes: dict[str, float] = {}
 
-    def state_dict(self) -> dict[str, Any]:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Collective (Lightning builds the checkpoint dict on every rank): the K-FAC state of every
         layer, gathered from its owner onto rank 0, whose dict is the one written."""
         state = self.preconditioner.gather_state_dict(dst=0)
-        return {} if state is None else {"kfac": state}
+        if state is not None:
+            checkpoint[CHECKPOINT_KEY] = state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "kfac" in state_dict:
-            self.preconditioner.load_state_dict(state_dict["kfac"])
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints of earlier versions kept the state as this callback's state.
+        state = checkpoint.get(CHECKPOINT_KEY, checkpoint.get("callbacks", {}).get("KFACCallback", {}).get("kfac"))
+        if state is None:
+            self._info("The checkpoint holds no K-FAC state (it was saved with another strategy): K-FAC starts "
+                           "fresh, building factors from the next steps; layers keep their plain gradient until "
+                           "the first decomposition.")
+            return
+        self.preconditioner.load_state_dict(state)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_optimizers(trainer.optimizers, self.preconditioner)
@@ -98,8 +128,14 @@ class KFACCallback(pl.Callback):
         for kind in KINDS:
             metrics[f"kfac/bytes_{kind}"] = sent.get(kind, 0.0) - self._last_bytes.get(kind, 0.0)
         metrics["kfac/faults"] = float(pre.last_step_faults)
+        metrics["kfac/skipped"] = float(pre.last_step_skipped)
         metrics["kfac/damping"] = float(pre.config.value("damping", step))
         if lr is not None or pre.config.lr is not None:
             metrics["kfac/kl_lr"] = float(lr if lr is not None else pre.config.value("lr", step))
         self._last_times, self._last_bytes = times, sent
         return metrics
+
+
+class KFACCallback(KFACCallbackMixin, Callback):
+    __doc__ = KFACCallbackMixin.__doc__
+    _info = staticmethod(rank_zero_info)

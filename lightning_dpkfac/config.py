@@ -43,7 +43,9 @@ class KFACConfig:
             (default: "dpkfac")
         skip_layers: module names (as in ``model.named_modules()``) or class names whose layers keep
             their plain gradient. (default: [])
-        bucket_cap_mb: size cap of one communication bucket in MiB; > 0. (default: 25.0)
+        kfac_bucket_cap_mb: size cap in MiB of one bucket of K-FAC's own collectives (preconditioned gradients,
+            factors, decompositions); > 0. DDP's gradient buckets are ``DistributedDataParallel``'s own
+            ``bucket_cap_mb``, which the strategy passes on. (default: 25.0)
         gather_rows: dpkfac with the engine's DDP hook only: for a Linear layer whose input and output rows
             of all ranks are fewer numbers than its gradient (small batches, wide layers), the owner
             gathers the rows and computes the averaged gradient ``g^T a`` and its preconditioning in
@@ -74,7 +76,7 @@ class KFACConfig:
     method: str = "eigen"
     mode: str = "dpkfac"
     skip_layers: list[str] = field(default_factory=list)
-    bucket_cap_mb: float = 25.0
+    kfac_bucket_cap_mb: float = 25.0
     gather_rows: bool = True
     max_factor_dim: int | str | None = None
     max_consecutive_faults: int = 5
@@ -94,8 +96,8 @@ class KFACConfig:
             raise ValueError(f"method={self.method!r} is invalid: it must be one of {METHODS}.")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is invalid: it must be one of {MODES}.")
-        if not isinstance(self.bucket_cap_mb, (int, float)) or not self.bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb!r} is invalid: it must be > 0.")
+        if not isinstance(self.kfac_bucket_cap_mb, (int, float)) or not self.kfac_bucket_cap_mb > 0:
+            raise ValueError(f"kfac_bucket_cap_mb={self.kfac_bucket_cap_mb!r} is invalid: it must be > 0.")
         if not isinstance(self.gather_rows, bool):
             raise ValueError(f"gather_rows={self.gather_rows!r} is invalid: it must be True or False.")
         check_max_factor_dim(self.max_factor_dim)

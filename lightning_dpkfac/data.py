@@ -3,6 +3,9 @@
 - ``DigitsDataModule``: the 1,797 8x8 grey-scale digits shipped inside scikit-learn.
 - ``MNIST1DDataModule``: MNIST-1D (Greydanus 2020), 1-D signals of length 40 generated procedurally by the
   ``mnist1d`` package's own generator (``mnist1d.data.make_dataset``: no file is read or written).
+
+scikit-learn and ``mnist1d`` (like matplotlib for plots) come with the ``examples`` extra, not with a plain
+``pip install``: they are imported when data is built, under :func:`~lightning_dpkfac.extras.needs_extra`.
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ import random
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_dpkfac.extras import needs_extra
 
 class _TensorDataModule(pl.LightningDataModule):
     """Train/val/test ``TensorDataset``s built once by ``_build`` (on every rank, deterministically)."""
@@ -102,6 +104,9 @@ class DigitsDataModule(_TensorDataModule):
         self.flatten = flatten
 
     def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        with needs_extra("digits"):
+            from sklearn.datasets import load_digits
+            from sklearn.model_selection import train_test_split
         x, y = load_digits(return_X_y=True)
         x = x.astype(np.float32) / 16.0
         idx = np.arange(len(y))
@@ -156,6 +161,8 @@ class MNIST1DDataModule(_TensorDataModule):
         self.data_seed = data_seed
 
     def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        with needs_extra("MNIST-1D"):
+            from sklearn.model_selection import train_test_split
         data = _generate_mnist1d(self.num_samples, self.data_seed)
         x = torch.from_numpy(np.concatenate([data["x"], data["x_test"]]).astype(np.float32)).unsqueeze(1)
         y = torch.from_numpy(np.concatenate([data["y"], data["y_test"]])).long()
@@ -169,7 +176,8 @@ class MNIST1DDataModule(_TensorDataModule):
 def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
     """``mnist1d.data.make_dataset`` with the benchmark's arguments (``make_dataset`` never downloads;
     ``get_dataset`` would). It reseeds Python's and NumPy's global generators: restore them after."""
-    from mnist1d.data import get_dataset_args, make_dataset  # imports matplotlib: only when needed
+    with needs_extra("MNIST-1D"):
+        from mnist1d.data import get_dataset_args, make_dataset  # imports matplotlib
 
     args = get_dataset_args()
     args.num_samples, args.seed = num_samples, seed

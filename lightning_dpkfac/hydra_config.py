@@ -22,12 +22,13 @@ from hydra.core.config_store import ConfigStore
 
 from lightning_dpkfac.config import KFACConfig
 
-#: ``DDPStrategy`` keywords a YAML config may set: (name, type, default). ``find_unused_parameters`` goes
-#: on to ``DistributedDataParallel``. Any other DDP keyword can be added here the same way.
+#: ``DDPStrategy`` keywords a YAML config may set: (name, type, default). ``find_unused_parameters`` and
+#: ``bucket_cap_mb`` go on to ``DistributedDataParallel``. Any other DDP keyword can be added here the same way.
 DDP_KEYWORDS: tuple[tuple[str, Any, Any], ...] = (
     ("start_method", str, "popen"),
     ("process_group_backend", str | None, None),
     ("find_unused_parameters", bool, False),
+    ("bucket_cap_mb", float | None, None),  # DDP's gradient buckets (MiB); None: DDP's default
 )
 
 

@@ -416,3 +416,32 @@ def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str
                          f"Module names look like {names}.")
     limits = block_limits([LayerShape(l.d_a, l.d_g) for l in layers], max_factor_dim, world_size, inv_update_steps)
     return [part for layer, limit in zip(layers, limits) for part in layer.split(*limit)], skipped
+
+
+def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dict[str, str]) -> dict[str, str]:
+    """Every trainable parameter of ``model`` that K-FAC does not precondition (``name -> reason``), so that
+    a user sees what keeps its plain gradient: embeddings, norm layers, RNNs, bare ``nn.Parameter`` s, and
+    the layers in ``skipped`` (``discover_layers``). A parameter shared with a covered layer is covered."""
+    covered = {id(p) for layer in layers for p in layer.params()}
+    supported = ", ".join(t.__name__ for t in SUPPORTED)
+    plain: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in covered:
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if module_name in skipped:
+                plain[name] = skipped[module_name]
+            elif type(module) is nn.Module or isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) \
+                    or module is model:
+                plain[name] = "a bare nn.Parameter (no layer to take factors from)"
+            else:
+                plain[name] = f"{type(module).__name__} is not a K-FAC layer type (supported: {supported})"
+    return plain
+
+
+def tied_names(model: nn.Module, layer: KFACLayer) -> list[str]:
+    """The other names under which ``model`` holds ``layer``'s weight (weight tying, e.g. an LM head that
+    shares an embedding's matrix): its gradient sums every use, preconditioned with this layer's factors."""
+    own = f"{layer.module_name}.weight"
+    return [name for name, p in model.named_parameters(remove_duplicate=False) if p is layer.weight and name != own]

@@ -49,7 +49,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -362,17 +362,40 @@ def load_shapes(spec: str, skip_layers: Sequence[str] = (), input_shape: Sequenc
     layers split into blocks as the engine splits them on ``world_size`` ranks (``max_factor_dim``)."""
     if spec in BUILTIN:
         return BUILTIN[spec]().split(max_factor_dim, world_size, inv_update_steps)
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        raise ValueError(f"model {spec!r} is neither a built-in table ({', '.join(BUILTIN)}) nor "
-                         "'package.module:factory'.")
-    factory = getattr(importlib.import_module(module_name), attr)
-    model = factory()
+    model = model_factory(spec)()
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, not an nn.Module.")
     example = torch.zeros(2, *input_shape) if input_shape else None
     return shapes_of(model, skip_layers, name=spec, example_input=example, max_factor_dim=max_factor_dim,
                      world_size=world_size, inv_update_steps=inv_update_steps)
+
+
+def model_factory(spec: str) -> Callable[[], object]:
+    """The callable that ``package.module:factory`` names. Raises ``ValueError`` naming ``spec`` where it is
+    not of that form, its module is not found, or the module has no such attribute."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{spec!r} is neither a built-in table ({', '.join(BUILTIN)}) nor "
+                         "'package.module:factory' (e.g. lightning_dpkfac.models:cnn).")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not f"{module_name}.".startswith(f"{error.name}."):
+            raise  # the module exists, but something it imports is missing
+        raise ValueError(f"{spec!r}: no module named {error.name!r} on the Python path.") from None
+    if not hasattr(module, attr):
+        raise ValueError(f"{spec!r}: module {module_name!r} has no attribute {attr!r}.")
+    return getattr(module, attr)
+
+
+def model_arg(text: str) -> str:
+    """The ``model`` argument: a built-in table, or a ``package.module:factory`` that resolves."""
+    if text not in BUILTIN:
+        try:
+            model_factory(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def max_factor_dim_arg(text: str) -> int | str:
@@ -385,25 +408,37 @@ def max_factor_dim_arg(text: str) -> int | str:
     return value
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m lightning_dpkfac.plan``."""
+    p = argparse.ArgumentParser(prog="python -m lightning_dpkfac.plan", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default="resnet50", type=model_arg,
+                   help=f"built-in table ({', '.join(BUILTIN)}) or package.module:factory, a callable that returns "
+                        "an nn.Module (e.g. lightning_dpkfac.models:cnn)")
+    p.add_argument("-P", "--world-size", type=int, default=64, help="number of ranks, 1..1024")
+    p.add_argument("--factor-update-steps", type=int, default=1, help="build K-FAC factors every this many steps")
+    p.add_argument("--inv-update-steps", type=int, default=10,
+                   help="decompose the factors every this many steps (also weighs the owner map's costs)")
+    p.add_argument("--method", choices=METHODS, default="eigen", help="K-FAC decomposition")
+    p.add_argument("--skip-layers", nargs="*", default=[], help="module or class names to leave to SGD")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per rank, to predict dpkfac's row gathering for Linear layers; None: no row "
+                        "gathering")
+    p.add_argument("--input-shape", type=int, nargs="+", default=None,
+                   help="one example's shape, for a factory model (e.g. 16 512), to count the rows of Linear layers "
+                        "on N-D inputs; None: one row per example")
+    p.add_argument("--max-factor-dim", type=max_factor_dim_arg, default=None,
+                   help="split layers into blocks whose factors are at most this size, or 'auto': only the layers "
+                        "that cost more than the fair share of P ranks (KFACConfig.max_factor_dim); None: whole "
+                        "layers")
+    p.add_argument("--paper", action="store_true",
+                   help="print the comparison with the paper's 64-GPU ratios instead (MODEL is ignored)")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     """CLI entry point; prints the report and returns it."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_dpkfac.plan", description=__doc__.split("\n")[0])
-    parser.add_argument("model", nargs="?", default="resnet50",
-                        help=f"built-in table ({', '.join(BUILTIN)}) or package.module:factory (default: resnet50)")
-    parser.add_argument("-P", "--world-size", type=int, default=64, help="number of ranks, 1..1024 (default: 64)")
-    parser.add_argument("--factor-update-steps", type=int, default=1)
-    parser.add_argument("--inv-update-steps", type=int, default=10)
-    parser.add_argument("--method", choices=METHODS, default="eigen")
-    parser.add_argument("--skip-layers", nargs="*", default=[], help="module or class names to leave to SGD")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="examples per rank: predicts dpkfac's row gathering for Linear layers")
-    parser.add_argument("--input-shape", type=int, nargs="+", default=None,
-                        help="one example's shape, for a factory model (e.g. 16 512): counts rows of Linear "
-                             "layers on N-D inputs (default: one row per example)")
-    parser.add_argument("--max-factor-dim", type=max_factor_dim_arg, default=None,
-                        help="split layers into blocks with factors of at most this size, or 'auto': only the layers "
-                             "that cost more than the fair share of P ranks (KFACConfig.max_factor_dim)")
-    parser.add_argument("--paper", action="store_true", help="print the comparison with the paper's 64-GPU ratios")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 1 <= args.world_size <= 1024:
         parser.error(f"--world-size={args.world_size} is invalid: it must be in 1..1024.")

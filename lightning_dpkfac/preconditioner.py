@@ -50,7 +50,14 @@ from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, l
 from lightning_dpkfac.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
 from lightning_dpkfac.config import KFACConfig
 from lightning_dpkfac.factors import BatchFactor, DeferredFactor
-from lightning_dpkfac.layers import KFACLayer, discover_layers, grad_hook_target, layers_of_params
+from lightning_dpkfac.layers import (
+    KFACLayer,
+    discover_layers,
+    grad_hook_target,
+    layers_of_params,
+    plain_parameters,
+    tied_names,
+)
 from lightning_dpkfac.rows import RowGatherer
 
 log = logging.getLogger("lightning_dpkfac")
@@ -60,6 +67,12 @@ PLAIN = 0.0  # not preconditioned (no decomposition yet, or no gradient)
 PRECONDITIONED = 1.0
 PRECONDITIONED_AFTER_FAULT = 2.0  # preconditioned with the last good state after a failed update
 PLAIN_AFTER_FAULT = 3.0  # a fault left no usable preconditioner: plain gradient
+NONFINITE_GRADIENT = 4.0  # the averaged gradient itself is inf/NaN: no rank applies this step's update
+
+#: A first decomposition step slower than this (seconds, on one rank) is reported once, naming its largest
+#: layers; factors of at least ``LARGE_FACTOR`` rows are announced before it starts.
+SLOW_DECOMPOSITION_S = 1.0
+LARGE_FACTOR = 2048
 
 
 STATE_FORMAT = 1
@@ -67,7 +80,8 @@ _STATE_TENSORS = ("A", "G", "qa", "qg", "dgda", "a_inv", "g_inv")
 
 
 class KFACNumericalError(RuntimeError):
-    """A layer's K-FAC state was non-finite on ``max_consecutive_faults`` steps in a row."""
+    """A layer's K-FAC state, or the averaged gradient, was non-finite on ``max_consecutive_faults`` steps
+    in a row."""
 
 
 @dataclass
@@ -118,10 +132,12 @@ class KFACPreconditioner:
     ) -> None:
         self.config = (config or KFACConfig()).replace(**overrides)
         self.model = model
-        self.comm = Communicator(process_group, int(self.config.bucket_cap_mb * 2**20))
+        self.comm = Communicator(process_group, int(self.config.kfac_bucket_cap_mb * 2**20))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.layers, self.skipped = discover_layers(model, self.config.skip_layers, self.config.max_factor_dim,
                                                     self.world_size, self.config.inv_update_steps)
+        #: trainable parameters left to their plain gradient, with the reason (``describe()`` lists them)
+        self.plain = plain_parameters(model, self.layers, self.skipped)
         self.costs = [layer_cost(LayerShape(l.d_a, l.d_g), self.config.inv_update_steps) for l in self.layers]
         self.owners = assign_owners(self.costs, self.world_size)
         self._layers_of = {r: [i for i, o in enumerate(self.owners) if o == r] for r in range(self.world_size)}
@@ -132,6 +148,10 @@ class KFACPreconditioner:
         self.faults_total = 0  # layer-steps with a numerical fault, the same count on every rank
         self.last_step_faults = 0
         self._consecutive_faults = [0] * len(self.layers)
+        self.skipped_steps = 0  # steps whose averaged gradient was non-finite: no update applied
+        self.last_step_skipped = False
+        self._consecutive_skips = 0
+        self._decompositions_reported = False  # the first decomposition step's cost is logged once
         self._awaiting_step = False  # the owner-reduce hook finished a backward that step() has not followed
         self._loss_scale_fn: Callable[[], float] | None = None  # AMP GradScaler's current scale, if any
         self._loss_scale: float | None = None  # read once per step
@@ -148,7 +168,6 @@ class KFACPreconditioner:
             # Under torch.compile the hook runs eagerly (a graph break) rather than being traced.
             hook = torch.compiler.disable(partial(self._on_forward, i))
             self._handles.append(self.layers[i].module.register_forward_hook(hook))
-        log.info(self.describe())
 
     # ------------------------------------------------------------------ who does what
     def _builds_factors(self, index: int) -> bool:
@@ -187,14 +206,27 @@ class KFACPreconditioner:
         return self._index(name) in self._states
 
     def describe(self) -> str:
-        """A table of covered layers with their factor sizes and owners, and the skipped layers."""
-        lines = [f"K-FAC ({self.config.mode}, {self.config.method}) on {len(self.layers)} layers, "
-                 f"{self.world_size} rank(s), load max/mean {self.load_imbalance():.3f}:"]
+        """A table of the covered layers (factor sizes, owner, weight tying) and of every trainable
+        parameter left to its plain gradient, with the reason."""
+        if self.layers:
+            lines = [f"K-FAC ({self.config.mode}, {self.config.method}) on {len(self.layers)} layers, "
+                     f"{self.world_size} rank(s), load max/mean {self.load_imbalance():.3f}:"]
+        else:
+            lines = [f"K-FAC ({self.config.mode}) covers no layer of this model: it trains exactly like DDP "
+                     "(every gradient all-reduced, none preconditioned)."]
         for layer, owner in zip(self.layers, self.owners):
+            tied = tied_names(self.model, layer)
+            note = f"  weight tied with {', '.join(tied)} (its gradient sums every use)" if tied else ""
             lines.append(f"  {layer.name:<40} {type(layer.module).__name__:<8} A {layer.d_a:>5}  "
-                         f"G {layer.d_g:>5}  owner {owner}")
-        for name, reason in self.skipped.items():
-            lines.append(f"  {name:<40} plain gradient: {reason}")
+                         f"G {layer.d_g:>5}  owner {owner}{note}")
+        if self.plain:
+            lines.append("Plain gradient (not preconditioned):")
+            groups: dict[tuple[str, str], list[str]] = defaultdict(list)  # (module, reason) -> parameters
+            for name, reason in self.plain.items():
+                module, _, param = name.rpartition(".")
+                groups[(module, reason)].append(param)
+            lines += [f"  {module or '(model)':<40} {', '.join(params)}: {reason}"
+                      for (module, reason), params in groups.items()]
         return "\n".join(lines)
 
     def load_imbalance(self) -> float:
@@ -228,11 +260,11 @@ class KFACPreconditioner:
         only rank that reads them), the other parameters all-reduced as usual; :meth:`step` then
         broadcasts every layer's result, so the total traffic equals one DDP all-reduce. Until
         :meth:`step` has run, a rank's gradients of layers it does not own are not averaged: call
-        :meth:`step` on every optimizer step. ``dkfac``, or any mode under a loss scaler
-        (:meth:`set_loss_scale`): DDP's all-reduce, counted as "gradients" -- a scaler skips a step from
-        its own rank's gradients, and only complete gradients make that decision the same everywhere.
+        :meth:`step` on every optimizer step. ``dkfac``, a model with no K-FAC layer, or any mode under a
+        loss scaler (:meth:`set_loss_scale`): DDP's all-reduce, counted as "gradients" -- a scaler skips a
+        step from its own rank's gradients, and only complete gradients make that decision the same everywhere.
         """
-        if self.config.mode == "dpkfac" and self._loss_scale_fn is None:
+        if self.config.mode == "dpkfac" and self._loss_scale_fn is None and self.layers:
             ddp.register_comm_hook(self, owner_reduce_hook)
             if self.config.gather_rows and self.world_size > 1:
                 self._rows.start()
@@ -303,6 +335,8 @@ class KFACPreconditioner:
             "method": self.config.method,
             "faults_total": self.faults_total,
             "consecutive_faults": {l.name: n for l, n in zip(self.layers, self._consecutive_faults)},
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
             "layers": layers,
         }
 
@@ -360,6 +394,8 @@ class KFACPreconditioner:
             self._rows.restore(list(state["row_layers"]))
         self.faults_total = int(state["faults_total"])
         self._consecutive_faults = [int(state["consecutive_faults"].get(l.name, 0)) for l in self.layers]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._consecutive_skips = int(state.get("consecutive_skips", 0))
         # Decompositions of the other method, or of another cut, are useless: make new ones now.
         damping = self.config.value("damping", self.steps)
         for i, state_ in self._states.items():  # dkfac: every rank, from the same factors
@@ -470,18 +506,86 @@ class KFACPreconditioner:
                 if k == 0:
                     self._warn_uncaptured()
             with self._timed("inverse"):
-                results = {i: self._decompose(s, damping) for i, s in self._states.items()
-                           if self.owners[i] == self.rank and s.A is not None and s.G is not None}
+                results = self._decompose_owned(damping)
             if self._shares_decompositions:
                 with self._timed("comm"):
                     results = self._broadcast_decompositions(results)
             for i, result in results.items():
                 self._store_decomposition(self._states[i], result)
-        flags = self._precondition_and_share(damping, kl_clip, lr, while_sending=fold)
+        others_finite = self._uncovered_gradients_finite()
+        flags, others_ok = self._precondition_and_share(damping, kl_clip, lr, others_finite, while_sending=fold)
         if self._rows.deciding:
             self._rows.decide()
-        self._count_faults(flags)
+        nonfinite = [self.layers[i].name for i, flag in enumerate(flags) if flag == NONFINITE_GRADIENT]
+        if nonfinite or not others_ok:
+            self._skip_update(nonfinite if others_ok else [*nonfinite, "parameters outside the K-FAC layers"])
+        else:
+            self.last_step_skipped, self._consecutive_skips = False, 0
+            self._count_faults(flags)
         self.steps += 1
+
+    def _uncovered_gradients_finite(self) -> Tensor:
+        """0-d bool: the gradients of the parameters outside the K-FAC layers (all-reduced by DDP, so the
+        same on every rank) hold no inf/NaN. No host sync: it rides on the step's one sync of the flags."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None and id(p) not in self._layers_of_param]
+        if not grads:
+            return torch.ones((), dtype=torch.bool)
+        device = grads[0].device
+        return torch.isfinite(torch.stack([g.sum().to(device=device, dtype=torch.float64) for g in grads]).sum())
+
+    def _skip_update(self, where: list[str]) -> None:
+        """The averaged gradient of ``where`` is non-finite (the same verdict on every rank): drop every
+        gradient of the model, so that ``optimizer.step()`` changes no parameter and no optimizer state
+        (SGD, Adam and the other torch optimizers skip a parameter without ``.grad``), and stop with an
+        error once it happened on ``max_consecutive_faults`` steps in a row."""
+        for param in self.model.parameters():
+            param.grad = None
+        self.last_step_skipped = True
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        limit = self.config.max_consecutive_faults
+        if self.rank == 0:
+            log.warning("K-FAC step %d: the averaged gradient is non-finite (inf/NaN) in %s; the update is skipped "
+                        "on every rank (%d in a row; training stops at max_consecutive_faults=%d)",
+                        self.steps, ", ".join(where), self._consecutive_skips, limit)
+        if self._consecutive_skips >= limit:
+            first = self.steps - self._consecutive_skips + 1
+            raise KFACNumericalError(
+                f"The averaged gradient was non-finite (inf/NaN) on {limit} consecutive steps ({first} to "
+                f"{self.steps}), in {', '.join(where)} at the last one. No rank applied those updates, so the "
+                "weights are still finite. The likely cause is the data: an inf/NaN in the inputs or targets of "
+                "those batches (check them with torch.isfinite), or a loss that overflows (lower the learning "
+                "rate). Raise max_consecutive_faults to tolerate longer runs of bad batches."
+            )
+
+    def _decompose_owned(self, damping: float) -> dict[int, tuple[Tensor, ...] | None]:
+        """The new decompositions of the layers this rank owns (that have factors); the first time, a
+        slow one is reported, naming the layers that dominate it and the settings that help."""
+        owned = [i for i, s in self._states.items() if self.owners[i] == self.rank and s.A is not None and s.G is not None]
+        if self._decompositions_reported or not owned:
+            return {i: self._decompose(self._states[i], damping) for i in owned}
+        self._decompositions_reported = True
+        largest = max(owned, key=lambda i: max(self.layers[i].d_a, self.layers[i].d_g))
+        if max(self.layers[largest].d_a, self.layers[largest].d_g) >= LARGE_FACTOR:
+            log.warning("K-FAC rank %d: decomposing factors of up to %s (%s) now and every inv_update_steps=%d "
+                        "steps; this can take minutes on a CPU", self.rank, _factor_sizes(self.layers[largest]),
+                        self.layers[largest].name, self.config.inv_update_steps)
+        results, seconds = {}, {}
+        for i in owned:
+            start = time.perf_counter()
+            results[i] = self._decompose(self._states[i], damping)
+            seconds[i] = time.perf_counter() - start
+        total = sum(seconds.values())
+        if total >= SLOW_DECOMPOSITION_S:
+            top = sorted(seconds, key=seconds.__getitem__, reverse=True)[:3]
+            log.warning(
+                "K-FAC rank %d: the %s decompositions took %.1f s at step %d, and recur every inv_update_steps=%d "
+                "steps. Largest: %s. Their cost grows with the cube of the factor size: max_factor_dim='auto' (or "
+                "a number such as 1024) splits wide layers into blocks, method='inverse' costs a fraction of "
+                "'eigen', and a larger inv_update_steps decomposes less often.",
+                self.rank, self.config.method, total, self.steps, self.config.inv_update_steps,
+                "; ".join(f"{self.layers[i].name} ({_factor_sizes(self.layers[i])}) {seconds[i]:.1f} s" for i in top))
+        return results
 
     def _warn_uncaptured(self) -> None:
         """After the first step: name the owned layers whose forward never ran (bypassed or unused);
@@ -662,21 +766,32 @@ class KFACPreconditioner:
         layer, state = self.layers[index], self._states[index]
         w = layer.weight
         payload = torch.empty(layer.num_params + 2, dtype=w.dtype, device=w.device)
+        rows_ok = _all_finite(rows[0]) & _all_finite(rows[1])  # the averaged gradient g^T a is finite
         if not state.decomposed():
-            payload.zero_()[-1] = PLAIN_AFTER_FAULT if state.fault else PLAIN
+            payload.zero_()[-1] = self._unless_nonfinite(rows_ok, PLAIN_AFTER_FAULT if state.fault else PLAIN)
             return payload
         _, vg = self._precondition_rows(state, *rows, damping, out=payload[:-2].view(layer.d_g, layer.d_a))
         ok = torch.isfinite(vg)  # finite iff P is (for finite rows)
         good = PRECONDITIONED_AFTER_FAULT if state.fault else PRECONDITIONED
         payload[-2] = torch.where(ok, vg, 0.0)
-        payload[-1] = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT)
+        payload[-1] = self._unless_nonfinite(rows_ok, torch.where(
+            ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT))
         return payload
 
-    def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None,
-                                while_sending: Callable[[], None] | None = None) -> list[float]:
+    def _unless_nonfinite(self, grad_ok: Tensor, flag: Tensor | float) -> Tensor | float:
+        """``flag``, or ``NONFINITE_GRADIENT`` where the averaged gradient is not finite (0-d ``grad_ok``
+        false), without a host sync. Not under a loss scaler: there that is an overflow step, which the
+        scaler skips by itself."""
+        if self._loss_scale_fn is not None:
+            return flag
+        return torch.where(grad_ok, flag, NONFINITE_GRADIENT)
+
+    def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None, others_finite: Tensor,
+                                while_sending: Callable[[], None] | None = None) -> tuple[list[float], bool]:
         """Owners precondition, broadcast ``[P, sum(P*grad), flag]`` per layer (dkfac: every rank
         preconditions every layer), run ``while_sending`` (local work) while the broadcasts are in flight;
-        all ranks KL-clip and write. Returns the flags of all layers (the same on every rank)."""
+        all ranks KL-clip and write. Returns the flags of all layers and the value of ``others_finite``
+        (a 0-d bool read in the same host sync), both the same on every rank."""
         with self._timed("comm"):
             rows, gathered = self._rows.gather()
         payloads: list[Tensor] = [torch.empty(0)] * len(self.layers)
@@ -702,10 +817,10 @@ class KFACPreconditioner:
                 pending.wait()
         # Every layer's [sum(P * grad), flag] in one host sync: the same numbers on every rank, from which
         # every rank takes the same decisions and computes the same KL-clip scale.
-        tails = _to_host([p[-2:] for p in payloads])
+        *tails, others_ok = _to_host([p[-2:] for p in payloads] + [others_finite])
         vgs, flags = tails[0::2], tails[1::2]
         # A gathered layer left plain carries no gradient in its payload: every rank averages its own.
-        plain = [i for i in gathered if not _is_preconditioned(flags[i])]
+        plain = [i for i in gathered if flags[i] in (PLAIN, PLAIN_AFTER_FAULT)]
         averaged = self._average_local_gradients(plain)
         with self._timed("precondition"):
             scale = _kl_scale(vgs, flags, kl_clip, lr)
@@ -717,7 +832,7 @@ class KFACPreconditioner:
                     continue
                 factor = scale if _is_preconditioned(flags[i]) else 1.0
                 layer.set_grad_matrix(payload[:-2].view(layer.d_g, layer.d_a), factor)
-        return flags
+        return flags, bool(others_ok)
 
     def _average_local_gradients(self, indices: list[int]) -> dict[int, Tensor]:
         """Collective: the averaged gradient matrices of gathered layers ``indices`` from every rank's own
@@ -742,14 +857,16 @@ class KFACPreconditioner:
         grad = layer.grad_matrix()
         if grad is None or not state.decomposed():
             plain = grad if grad is not None else torch.zeros(layer.d_g, layer.d_a, dtype=w.dtype, device=w.device)
-            flag = PLAIN_AFTER_FAULT if state.fault else PLAIN
-            return torch.cat([plain.reshape(-1), plain.new_tensor([0.0, flag])])
+            payload = torch.cat([plain.reshape(-1), plain.new_tensor([0.0, 0.0])])
+            payload[-1] = self._unless_nonfinite(_all_finite(plain), PLAIN_AFTER_FAULT if state.fault else PLAIN)
+            return payload
         p = self._precondition(state, grad, damping)
         grad = grad.to(p.dtype)
         vg = torch.dot(p.reshape(-1), grad.reshape(-1))
         ok = torch.isfinite(vg)  # sum(P * grad) is finite iff P is (for a finite grad): one cheap check
         good = PRECONDITIONED_AFTER_FAULT if state.fault else PRECONDITIONED
         flag = torch.where(ok, good, PLAIN if self._loss_scale_fn is not None else PLAIN_AFTER_FAULT)
+        flag = self._unless_nonfinite(_all_finite(grad), flag)
         payload = torch.empty(layer.num_params + 2, dtype=w.dtype, device=w.device)
         if p.dtype == w.dtype:
             torch.where(ok, p, grad, out=payload[:-2].view(p.shape))
@@ -762,7 +879,7 @@ class KFACPreconditioner:
     def _count_faults(self, flags: list[float]) -> None:
         """Update the fault counters from the shared flags; raise once a layer failed too often in a row
         (on every rank at the same step, since the flags are the same everywhere)."""
-        faulty = [flag >= PRECONDITIONED_AFTER_FAULT for flag in flags]
+        faulty = [flag in (PRECONDITIONED_AFTER_FAULT, PLAIN_AFTER_FAULT) for flag in flags]
         self.last_step_faults = sum(faulty)
         self.faults_total += self.last_step_faults
         for i, bad in enumerate(faulty):
@@ -788,6 +905,10 @@ class KFACPreconditioner:
 
 #: A layer's captured batch factor and the scale that makes it the batch's factor.
 _Scaled = tuple[BatchFactor, float]
+
+
+def _factor_sizes(layer: KFACLayer) -> str:
+    return f"A {layer.d_a}x{layer.d_a}, G {layer.d_g}x{layer.d_g}"
 
 
 def _to_host(tensors: list[Tensor]) -> list[float]:

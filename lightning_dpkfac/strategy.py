@@ -4,6 +4,10 @@ The strategy is Lightning's own DDP strategy (same launchers, cluster environmen
 plus a :class:`~lightning_dpkfac.preconditioner.KFACPreconditioner` built on the LightningModule once it
 is on its device and wrapped, and a :class:`~lightning_dpkfac.callback.KFACCallback` that runs it in
 ``on_before_optimizer_step``.
+
+Everything but the base classes lives in :class:`KFACStrategyMixin`, so that the same strategy also
+exists for the separate ``pytorch_lightning`` package (:mod:`lightning_dpkfac.pytorch_lightning`), whose
+``DDPStrategy``, ``Callback`` and registry are other objects than ``lightning.pytorch``'s.
 """
 
 from __future__ import annotations
@@ -15,56 +19,96 @@ import os
 import pickle
 import sys
 import zipfile
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_dpkfac.callback import KFACCallback
+from lightning_dpkfac.callback import KFACCallback, KFACCallbackMixin
 from lightning_dpkfac.config import FIELDS, KFACConfig, unknown_key_message
 from lightning_dpkfac.preconditioner import KFACPreconditioner
 
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+# The two namespaces' DDPStrategy classes are copies of one source: the same keywords.
 _DDP_STRATEGY_ARGS = set(inspect.signature(DDPStrategy.__init__).parameters) - {"self", "kwargs"}
 _DDP_MODULE_ARGS = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KFACConfig)} | {"skip_layers": ()}
 
 
-class DPKFACStrategy(DDPStrategy):
-    """DDP plus K-FAC preconditioning with distributed preconditioning (DP-KFAC).
+class KFACStrategyMixin:
+    """DDP plus K-FAC preconditioning with distributed preconditioning (DP-KFAC), on top of a Lightning
+    ``DDPStrategy`` class (the concrete classes put it first in their bases).
 
     Args:
-        kfac_config: a :class:`KFACConfig` (default: ``KFACConfig()``).
-        **kwargs: any :class:`KFACConfig` field (``damping``, ``factor_decay``, ``kl_clip``, ``lr``,
-            ``factor_update_steps``, ``inv_update_steps``, ``method``, ``mode``, ``skip_layers``,
-            ``bucket_cap_mb``), overriding ``kfac_config``; every other keyword goes to
-            :class:`~lightning.pytorch.strategies.DDPStrategy` (``start_method``, ``timeout``,
-            ``find_unused_parameters``, ...).
-
-    ``lr`` left at ``None`` makes KL-clip read the learning rate of the optimizer's first parameter group.
+        damping, factor_decay, kl_clip, lr, factor_update_steps, inv_update_steps, method, mode, skip_layers,
+            kfac_bucket_cap_mb, gather_rows, max_factor_dim, max_consecutive_faults: the
+            :class:`~lightning_dpkfac.config.KFACConfig` fields, with the same defaults and meanings.
+            ``lr`` left at ``None`` makes KL-clip read the learning rate of the optimizer's first
+            parameter group.
+        kfac_config: all of the above as one :class:`KFACConfig`, instead of the keywords (giving both
+            is an error: there is no telling which should win).
+        **kwargs: every other keyword goes to Lightning's ``DDPStrategy`` (``start_method``, ``timeout``,
+            ``process_group_backend``, ...) and from there to ``DistributedDataParallel``
+            (``find_unused_parameters``, ``bucket_cap_mb``, ...).
     """
 
-    strategy_name = "dpkfac"
+    #: the K-FAC callback class of this class's Lightning namespace
+    _callback_class: type[KFACCallbackMixin]
+    #: the namespace's rank-zero logging function (its logger is the one Lightning configured)
+    _info: Callable[[str], None]
 
-    def __init__(self, kfac_config: KFACConfig | None = None, **kwargs: Any) -> None:
-        kfac_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in FIELDS}
+    def __init__(
+        self,
+        *,
+        damping: float = _DEFAULTS["damping"],
+        factor_decay: float = _DEFAULTS["factor_decay"],
+        kl_clip: float | None = _DEFAULTS["kl_clip"],
+        lr: float | None = _DEFAULTS["lr"],
+        factor_update_steps: int = _DEFAULTS["factor_update_steps"],
+        inv_update_steps: int = _DEFAULTS["inv_update_steps"],
+        method: str = _DEFAULTS["method"],
+        mode: str = _DEFAULTS["mode"],
+        skip_layers: Sequence[str] = _DEFAULTS["skip_layers"],
+        kfac_bucket_cap_mb: float = _DEFAULTS["kfac_bucket_cap_mb"],
+        gather_rows: bool = _DEFAULTS["gather_rows"],
+        max_factor_dim: int | str | None = _DEFAULTS["max_factor_dim"],
+        max_consecutive_faults: int = _DEFAULTS["max_consecutive_faults"],
+        kfac_config: KFACConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        given = dict(damping=damping, factor_decay=factor_decay, kl_clip=kl_clip, lr=lr,
+                     factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps, method=method,
+                     mode=mode, skip_layers=skip_layers, kfac_bucket_cap_mb=kfac_bucket_cap_mb,
+                     gather_rows=gather_rows, max_factor_dim=max_factor_dim,
+                     max_consecutive_faults=max_consecutive_faults)
         for name in kwargs:  # DDPStrategy would only fail on these after the ranks started
             if name not in _DDP_STRATEGY_ARGS | _DDP_MODULE_ARGS:
-                known = (*FIELDS, *sorted(_DDP_STRATEGY_ARGS | _DDP_MODULE_ARGS))
-                raise ValueError(unknown_key_message(name, known, "DPKFACStrategy"))
-        self.kfac_config = (kfac_config or KFACConfig()).replace(**kfac_kwargs)
-        super().__init__(**kwargs)
+                known = (*FIELDS, "kfac_config", *sorted(_DDP_STRATEGY_ARGS | _DDP_MODULE_ARGS))
+                raise ValueError(unknown_key_message(name, known, type(self).__name__))
+        if kfac_config is None:
+            self.kfac_config = KFACConfig(**given)
+        else:
+            changed = {name: value for name, value in given.items() if not _same(value, _DEFAULTS[name])}
+            if changed:
+                settings = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+                raise ValueError(f"{type(self).__name__} got both kfac_config and the K-FAC keywords {settings}. "
+                                 f"Give one of them, e.g. kfac_config=kfac_config.replace({settings}).")
+            self.kfac_config = kfac_config
+        super().__init__(**kwargs)  # the DDPStrategy that follows in the bases
         self.preconditioner: KFACPreconditioner | None = None
-        self._callback: KFACCallback | None = None
+        self._callback: KFACCallbackMixin | None = None
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)  # when fitting, builds the engine: configure_ddp -> _register_ddp_hooks
-        if trainer.state.fn != TrainerFn.FITTING or self.preconditioner is None:
+        if trainer.state.fn != "fit" or self.preconditioner is None:
             return
-        rank_zero_info(self.preconditioner.describe())
-        self._callback = KFACCallback(self.preconditioner)
+        self._info(self.preconditioner.describe())
+        self._callback = self._callback_class(self.preconditioner)
         trainer.callbacks.append(self._callback)
 
     @property
@@ -99,15 +143,16 @@ class DPKFACStrategy(DDPStrategy):
         """Build the engine on the wrapped module (now on its device) and let it own DDP's gradient
         communication: in dpkfac, K-FAC gradients are reduced to their owners only. A user's
         ``ddp_comm_hook`` wins (then gradient bytes are not counted)."""
-        assert isinstance(self.model, DistributedDataParallel)
-        self.preconditioner = KFACPreconditioner(self.lightning_module, self.kfac_config)
-        scaler = getattr(self.precision_plugin, "scaler", None)  # "16-mixed" on CUDA: a GradScaler
+        strategy: Any = self  # a DDPStrategy: model, lightning_module, precision_plugin, ...
+        assert isinstance(strategy.model, DistributedDataParallel)
+        self.preconditioner = KFACPreconditioner(strategy.lightning_module, self.kfac_config)
+        scaler = getattr(strategy.precision_plugin, "scaler", None)  # "16-mixed" on CUDA: a GradScaler
         if scaler is not None:
             self.preconditioner.set_loss_scale(scaler.get_scale)
-        if self._ddp_comm_hook is not None or self._ddp_comm_wrapper is not None:
+        if strategy._ddp_comm_hook is not None or strategy._ddp_comm_wrapper is not None:
             super()._register_ddp_hooks()
         else:
-            self.preconditioner.register_ddp_comm_hook(self.model)
+            self.preconditioner.register_ddp_comm_hook(strategy.model)
 
     def _check_same_config_on_all_ranks(self) -> None:
         """Fail loudly if ranks got different K-FAC settings (e.g. an unseeded sweeper under popen DDP)."""
@@ -125,8 +170,9 @@ class DPKFACStrategy(DDPStrategy):
         # The engine stays readable after fit (counters, owners); it only stops capturing.
         if self.preconditioner is not None:
             self.preconditioner.remove_hooks()
-        if self._callback is not None and self.lightning_module is not None and self.lightning_module._trainer:
-            callbacks = self.lightning_module.trainer.callbacks
+        module = self.lightning_module
+        if self._callback is not None and module is not None and module._trainer:
+            callbacks = module.trainer.callbacks
             if self._callback in callbacks:
                 callbacks.remove(self._callback)
         super().teardown()
@@ -138,6 +184,20 @@ class DPKFACStrategy(DDPStrategy):
                 strategy_registry.register(
                     name, cls, description=f"DDP with K-FAC preconditioning, mode '{mode}'", mode=mode
                 )
+
+
+class DPKFACStrategy(KFACStrategyMixin, DDPStrategy):
+    __doc__ = KFACStrategyMixin.__doc__
+    strategy_name = "dpkfac"
+    _callback_class = KFACCallback
+    _info = staticmethod(rank_zero_info)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two config values are equal (sequences of any kind compared as lists)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
 
 
 def _destroy_process_group() -> None:

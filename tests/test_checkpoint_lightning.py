@@ -69,7 +69,7 @@ def test_resume_with_gathered_rows_is_bit_identical(tmp_path: Path) -> None:
 def test_resume_on_another_world_size_loads_each_factor_on_its_new_owner(two_rank_run, devices: int) -> None:
     out_dir, _, env = two_rank_run
     ckpt = checkpoint(out_dir, "full", 1, 2)
-    saved = torch.load(ckpt, weights_only=True)["callbacks"]["KFACCallback"]["kfac"]["layers"]
+    saved = torch.load(ckpt, weights_only=True)["lightning_dpkfac"]["layers"]
     resumed = fit_ok(env, out_dir, f"on{devices}", "--devices", str(devices), "--epochs", "3", "--resume", str(ckpt))
     assert resumed["steps"] == 2 * STEPS_PER_EPOCH[2] + STEPS_PER_EPOCH[devices]  # training went on
     for rank, held in enumerate(resumed["factors_at_start"]):
@@ -82,7 +82,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(two_rank_run) -> None:
     out_dir, _, env = two_rank_run
     fit_ok(env, out_dir, "single", "--devices", "1", "--epochs", "1")
     ckpt = checkpoint(out_dir, "single", 0, 1)
-    saved = torch.load(ckpt, weights_only=True)["callbacks"]["KFACCallback"]["kfac"]["layers"]
+    saved = torch.load(ckpt, weights_only=True)["lightning_dpkfac"]["layers"]
     resumed = fit_ok(env, out_dir, "single_on2", "--devices", "2", "--epochs", "2", "--resume", str(ckpt))
     held = {name: f for per_rank in resumed["factors_at_start"] for name, f in per_rank.items()}
     assert sorted(held) == sorted(saved) and all(torch.equal(held[n][0], saved[n]["A"]) for n in held)
@@ -90,7 +90,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(two_rank_run) -> None:
 
 def test_checkpoint_holds_every_layers_factors_and_loads_with_weights_only(two_rank_run) -> None:
     out_dir, full, _ = two_rank_run
-    state = torch.load(checkpoint(out_dir, "full", 2, 2), weights_only=True)["callbacks"]["KFACCallback"]["kfac"]
+    state = torch.load(checkpoint(out_dir, "full", 2, 2), weights_only=True)["lightning_dpkfac"]
     assert sorted(state["layers"]) == sorted(full["owners"])
     assert state["steps"] == 60
 
@@ -115,3 +115,23 @@ def test_killed_rank_ends_the_run_within_the_timeout_and_a_resume_completes(two_
     resumed = fit_ok(env, out_dir, "after_kill", "--devices", "2", "--epochs", "3", "--resume", str(last))
     assert resumed["steps"] == 60
     assert all(torch.equal(full["params"][k], resumed["params"][k]) for k in full["params"])
+
+
+def test_resuming_a_dpkfac_checkpoint_with_plain_ddp_asks_for_no_callback(two_rank_run) -> None:
+    """The K-FAC state sits under its own top-level key, which other strategies ignore, rather than as a
+    callback state, which made Lightning ask for a 'KFACCallback' nobody can add to a DDP run."""
+    out_dir, _, env = two_rank_run
+    code, output, _ = fit(env, out_dir, "--devices", "2", "--epochs", "2", "--strategy", "ddp",
+                          "--ckpt-dir", str(out_dir / "as_ddp"), "--resume", str(checkpoint(out_dir, "full", 0, 2)))
+    assert code == 0, output[-3000:]
+    assert "Please add the following callbacks" not in output
+
+
+def test_resuming_a_ddp_checkpoint_with_dpkfac_says_kfac_starts_fresh(tmp_path: Path) -> None:
+    env = launch_env()
+    fit_ok(env, tmp_path, "ddp", "--devices", "2", "--epochs", "1", "--strategy", "ddp")
+    code, output, _ = fit(env, tmp_path, "--devices", "2", "--epochs", "2", "--ckpt-dir", str(tmp_path / "kfac"),
+                          "--resume", str(checkpoint(tmp_path, "ddp", 0, 2)))
+    assert code == 0, output[-3000:]
+    assert output.count("The checkpoint holds no K-FAC state (it was saved with another strategy): K-FAC starts "
+                        "fresh") == 1

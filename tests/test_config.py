@@ -22,7 +22,7 @@ from lightning_dpkfac import DPKFACStrategy, KFACConfig, KFACPreconditioner, Uns
         ({"inv_update_steps": 15, "factor_update_steps": 2}, r"inv_update_steps=15 is invalid: it must be a multiple"),
         ({"method": "cholesky"}, r"method='cholesky' is invalid: it must be one of \('eigen', 'inverse'\)"),
         ({"mode": "kaisa"}, r"mode='kaisa' is invalid: it must be one of \('dpkfac', 'dkfac'\)"),
-        ({"bucket_cap_mb": 0}, r"bucket_cap_mb=0 is invalid"),
+        ({"kfac_bucket_cap_mb": 0}, r"kfac_bucket_cap_mb=0 is invalid"),
         ({"gather_rows": "yes"}, r"gather_rows='yes' is invalid: it must be True or False"),
     ],
 )

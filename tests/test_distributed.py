@@ -177,3 +177,49 @@ def test_dpkfac_keeps_about_half_the_factor_state_of_dkfac_on_two_ranks(ranks) -
     dp_total = sum(r["state_bytes"]["factors"] for r in dp)
     dk_per_rank = dk[0]["state_bytes"]["factors"]
     assert dp_total == dk_per_rank  # the factors are split between owners, not copied
+
+
+class ScaleShift(nn.Module):
+    """Bare trainable parameters: nothing K-FAC can precondition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        self.shift = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _nothing_to_precondition(rank: int, world: int, case: str) -> list[torch.Tensor]:
+    """Trains a model K-FAC covers no layer of (``case``: "bare" parameters, a "frozen" backbone with a
+    trainable scale/shift, or "skipped" layers), with the engine's DDP hook (``kfac``) or plain DDP."""
+    results = []
+    for kfac in (True, False):
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Flatten(), nn.Linear(50, 3)).double()
+        if case == "frozen":
+            backbone.requires_grad_(False)
+        model = nn.Sequential(ScaleShift()) if case == "bare" else nn.Sequential(backbone, ScaleShift())
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+        if kfac:
+            pre = KFACPreconditioner(model, skip_layers=["Linear"] if case == "skipped" else [], **HP)
+            assert pre.layers == [] and "covers no layer" in pre.describe()
+            pre.register_ddp_comm_hook(ddp)
+        for step in range(3):
+            opt.zero_grad()
+            x, y = local_batch(step, rank)
+            inputs = x.flatten(1)[:, :3] if case == "bare" else x
+            F.cross_entropy(ddp(inputs), y).backward()
+            if kfac:
+                pre.step()
+            opt.step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return results
+
+
+@pytest.mark.parametrize("case", ["bare", "frozen", "skipped"])
+def test_a_model_with_nothing_to_precondition_trains_exactly_like_ddp(ranks, case: str) -> None:
+    for with_kfac, plain_ddp in ranks(_nothing_to_precondition, 2, case):
+        assert torch.equal(with_kfac, plain_ddp)

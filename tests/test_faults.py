@@ -160,3 +160,58 @@ def _overflow_batch_on_two_ranks(rank: int, world: int) -> dict:
 
 def test_overflowing_batch_on_two_ranks_counts_one_fault_everywhere_and_training_goes_on(ranks) -> None:
     assert ranks(_overflow_batch_on_two_ranks, 2) == [{"faults": 1, "same_params": True, "finite": True}] * 2
+
+
+def _non_finite_batch_on_one_rank(rank: int, world: int, gather_rows: bool) -> dict:
+    """A 6-64-64-3 MLP under SGD with momentum; at step 3 rank 1's inputs are multiplied by inf. With 8
+    examples per rank the 64 -> 64 layer gathers its rows (``gather_rows``), so both paths are checked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    ddp = DistributedDataParallel(model)
+    pre = KFACPreconditioner(model, gather_rows=gather_rows, **HP)
+    pre.register_ddp_comm_hook(ddp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    unchanged = None
+    for step in range(6):
+        opt.zero_grad()
+        x, y = batch(10 * step + rank)
+        if step == 3 and rank == 1:
+            x = x * float("inf")
+        F.cross_entropy(ddp(x), y).backward()
+        pre.step()
+        before = [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone()) for p in model.parameters()] \
+            if step == 3 else None
+        opt.step()
+        if before is not None:
+            unchanged = all(torch.equal(p, p0) and torch.equal(opt.state[p]["momentum_buffer"], m0)
+                            for p, (p0, m0) in zip(model.parameters(), before))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return {"rows": bool(pre.row_layers), "skipped": pre.skipped_steps, "faults": pre.faults_total,
+            "unchanged": unchanged, "same_params": torch.equal(*gathered), "finite": bool(torch.isfinite(flat).all())}
+
+
+@pytest.mark.parametrize("gather_rows", [False, True])
+def test_a_non_finite_gradient_is_never_applied_and_every_rank_skips_the_update(ranks, gather_rows: bool) -> None:
+    """No parameter and no momentum buffer changes at the bad step; training then goes on, identically."""
+    expected = {"rows": gather_rows, "skipped": 1, "faults": 0, "unchanged": True, "same_params": True,
+                "finite": True}
+    assert ranks(_non_finite_batch_on_one_rank, 2, gather_rows) == [expected] * 2
+
+
+def test_non_finite_gradients_in_a_row_stop_training_with_an_error_naming_the_data() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    pre = KFACPreconditioner(layer, max_consecutive_faults=2, **HP)
+    train(layer, pre, steps=2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with pytest.raises(KFACNumericalError, match=r"non-finite \(inf/NaN\) on 2 consecutive steps \(2 to 3\)") as error:
+        for step in range(2):
+            opt.zero_grad()
+            x, y = batch(step)
+            F.cross_entropy(layer(x * float("inf")), y).backward()
+            pre.step()
+            opt.step()
+    assert "the data" in str(error.value) and pre.skipped_steps == 2
+    assert all(torch.isfinite(p).all() for p in layer.parameters())

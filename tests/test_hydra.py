@@ -123,6 +123,11 @@ def test_a_kfac_override_reaches_the_strategy(compose_config: Callable[..., Dict
     assert instantiate(compose_config("strategy.max_factor_dim=auto").strategy).kfac_config.max_factor_dim == "auto"
 
 
+def test_ddps_bucket_cap_reaches_ddp_and_kfacs_its_own_collectives(compose_config: Callable[..., DictConfig]) -> None:
+    strategy = instantiate(compose_config("strategy.bucket_cap_mb=50", "strategy.kfac_bucket_cap_mb=8").strategy)
+    assert strategy._ddp_kwargs["bucket_cap_mb"] == 50 and strategy.kfac_config.kfac_bucket_cap_mb == 8
+
+
 def test_a_typo_in_a_kfac_key_fails_with_hydras_error_naming_the_key(
     compose_config: Callable[..., DictConfig]
 ) -> None:
@@ -196,7 +201,7 @@ def test_a_multirun_writes_one_summary_per_job_into_its_output_dir(multirun: dic
     assert [summaries[job]["config"]["strategy"]["damping"] for job in ("0", "1")] == [1e-2, 3e-3]
     for job, summary in summaries.items():
         assert summary["world_size"] == 2 and summary["train_steps"] == 4
-        assert Path(summary["metrics_csv"]).parent == multirun["sweep_dir"] / job
+        assert Path(summary["metrics_csv"]).parent == multirun["sweep_dir"] / job / "csv"
     # Jobs ran as single runs in their own dirs: nothing re-ran the sweep or wrote elsewhere.
     assert sorted(p.name for p in multirun["cwd"].iterdir()) == []
 
@@ -204,6 +209,17 @@ def test_a_multirun_writes_one_summary_per_job_into_its_output_dir(multirun: dic
 @pytest.mark.timeout(300)
 def test_a_multirun_job_does_not_use_an_inherited_busy_master_port(multirun: dict[str, Any]) -> None:
     assert multirun["output"].count("test accuracy") == 2
+
+
+@pytest.mark.timeout(300)
+def test_a_job_logs_into_a_directory_of_its_own_without_an_overwrite_warning(multirun: dict[str, Any]) -> None:
+    assert "exists and is not empty" not in multirun["output"]
+
+
+@pytest.mark.timeout(300)
+def test_each_job_prints_its_owner_table_once(multirun: dict[str, Any]) -> None:
+    """Once per job (rank 0), though Hydra's logging shows every rank's records of the package's logger."""
+    assert multirun["output"].count("K-FAC (dpkfac, eigen) on ") == 2
 
 
 @pytest.mark.timeout(300)

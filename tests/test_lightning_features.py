@@ -25,10 +25,15 @@ def command(out_dir: Path, name: str, *args: str) -> list[str]:
             "--out", str(out_dir / f"{name}.pt"), *args]
 
 
-def fit(out_dir: Path, name: str, *args: str) -> dict[str, Any]:
+def fit_logged(out_dir: Path, name: str, *args: str) -> tuple[dict[str, Any], str]:
+    """The run's results and its output (every rank's)."""
     result = run_command(command(out_dir, name, *args), launch_env(), ROOT, 120)
     assert result.returncode == 0, result.stdout[-3000:]
-    return torch.load(out_dir / f"{name}.pt", weights_only=False)
+    return torch.load(out_dir / f"{name}.pt", weights_only=False), result.stdout
+
+
+def fit(out_dir: Path, name: str, *args: str) -> dict[str, Any]:
+    return fit_logged(out_dir, name, *args)[0]
 
 
 def test_two_nodes_of_one_device_train_like_one_node_of_two(tmp_path: Path) -> None:
@@ -43,6 +48,9 @@ def test_two_nodes_of_one_device_train_like_one_node_of_two(tmp_path: Path) -> N
             (0, 1)))
     assert all(r.returncode == 0 for r in results), [r.stdout[-2000:] for r in results]
     two_nodes = torch.load(tmp_path / "node0.pt", weights_only=False)
+    # Bitwise equality needs the same float summation order: one thread per rank in both layouts, whatever
+    # the shell's OMP_NUM_THREADS (Lightning would give a node's only rank all the cores).
+    assert one_node["threads"] == two_nodes["threads"] == [1, 1]
     assert two_nodes["owners"] == one_node["owners"]
     assert all(torch.equal(one_node["params"][k], two_nodes["params"][k]) for k in one_node["params"])
 
@@ -97,3 +105,28 @@ def test_blocks_of_one_layer_train_on_both_ranks_under_lightning(tmp_path: Path)
     assert len(first) == 6 and set(first.values()) == {0, 1}, result["owners"]
     losses = [result["losses"][step] for step in sorted(result["losses"])]
     assert result["kfac_steps"] == STEPS_PER_EPOCH[2] and sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
+def test_a_model_with_nothing_to_precondition_trains_exactly_like_ddp(tmp_path: Path) -> None:
+    """A frozen backbone with trainable scale/shift vectors (adapter tuning): bare parameters only."""
+    dpkfac, output = fit_logged(tmp_path, "dpkfac", "--devices", "2", "--model", "frozen")
+    ddp = fit(tmp_path, "ddp", "--devices", "2", "--model", "frozen", "--strategy", "ddp")
+    assert dpkfac["owners"] == {} and dpkfac["steps"] == STEPS_PER_EPOCH[2]
+    assert all(torch.equal(dpkfac["params"][k], ddp["params"][k]) for k in ddp["params"])
+    assert output.count("covers no layer of this model: it trains exactly like DDP") == 1
+
+
+def test_a_non_finite_batch_on_one_rank_is_skipped_by_every_rank(tmp_path: Path) -> None:
+    result, output = fit_logged(tmp_path, "run", "--devices", "2", "--inf-rank", "1", "--inf-at-step", "5")
+    assert result["error"] is None and result["skipped_steps"] == 1 and result["steps"] == STEPS_PER_EPOCH[2]
+    assert all(result["finite_params"].values())
+    assert "K-FAC step 5: the averaged gradient is non-finite" in output
+
+
+def test_non_finite_batches_in_a_row_stop_training_with_finite_weights_and_an_error_naming_the_data(
+        tmp_path: Path) -> None:
+    result = fit(tmp_path, "run", "--devices", "2", "--inf-rank", "1", "--inf-at-step", "5", "--inf-steps", "3",
+                 "--max-consecutive-faults", "3")
+    assert "non-finite (inf/NaN) on 3 consecutive steps (5 to 7)" in result["error"]
+    assert "the data" in result["error"] and "weights are still finite" in result["error"]
+    assert all(result["finite_params"].values()) and all(torch.isfinite(v).all() for v in result["params"].values())

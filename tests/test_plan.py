@@ -185,6 +185,24 @@ def test_cli_refuses_more_than_1024_ranks() -> None:
         main(["resnet50", "-P", "1025"])
 
 
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("resnet5", "is neither a built-in table (resnet50, bert-base, transformer) nor 'package.module:factory' "
+                    "(e.g. lightning_dpkfac.models:cnn)"),
+        ("no_such_package.models:cnn", "no module named 'no_such_package' on the Python path"),
+        ("lightning_dpkfac.models:cnm", "module 'lightning_dpkfac.models' has no attribute 'cnm'"),
+    ],
+    ids=["unknown-table", "unknown-module", "unknown-factory"],
+)
+def test_cli_refuses_an_unknown_model_with_a_usage_error(model: str, reason: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([model])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert f"error: argument model: '{model}'" in error and reason in error, error
+
+
 # ------------------------------------------------------------------ the engine's counters, exactly
 HP = dict(damping=1e-2, lr=0.1, factor_update_steps=2, inv_update_steps=4, kl_clip=1e-3)
 STEPS = 5

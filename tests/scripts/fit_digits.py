@@ -5,11 +5,16 @@ Run as a subprocess (Lightning's launcher re-runs this command line for the othe
     python tests/scripts/fit_digits.py --devices 2 --epochs 3 --ckpt-dir D [--resume D/epoch=0.ckpt]
         [--out result.pt] [--kill-rank 1 --kill-at-step 12] [--precision bf16-mixed] [--accumulate 2]
         [--clip 1e-3 --momentum 0 --lr 1] [--manual] [--num-nodes 2]
-        [--hidden 256 --batch-size 8 --gather-rows 0] [--max-factor-dim 24]
+        [--hidden 256 --batch-size 8 --gather-rows 0] [--max-factor-dim 24] [--model frozen] [--strategy ddp]
+        [--inf-rank 1 --inf-at-step 5 --inf-steps 3 --max-consecutive-faults 3]
 
 Rank 0 writes ``--out``: final parameters, per-step training losses, every rank's K-FAC factors as they
 were right after the checkpoint was restored (before any training step), the factor dtype, the number of
-K-FAC steps and the largest parameter update of a step.
+K-FAC steps, the largest parameter update of a step and the threads each rank used.
+
+Every rank computes with one thread, whatever the shell sets: Lightning would otherwise give each process
+``cpu_count // local_world_size`` threads (one per rank for two devices on one node, two for one device
+on each of two nodes), and float sums in another order make runs of different layouts differ.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
 
 import lightning_dpkfac
 from lightning_dpkfac.data import DigitsDataModule
@@ -47,6 +54,36 @@ class ManualClassifier(ClassifierModule):
         return loss
 
 
+class ScaleShift(nn.Module):
+    """A trainable per-feature scale and shift (adapter tuning): bare parameters, nothing for K-FAC."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(features))
+        self.shift = nn.Parameter(torch.zeros(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def frozen_backbone(hidden: int) -> nn.Module:
+    """The digits MLP frozen, with a trainable scale and shift on its hidden features and its logits."""
+    backbone = mlp(hidden=(hidden,))
+    backbone.requires_grad_(False)
+    return nn.Sequential(backbone[:3], ScaleShift(hidden), backbone[3:], ScaleShift(10))
+
+
+class PoisonBatch(pl.Callback):
+    """Multiplies one rank's inputs by inf on ``count`` steps from ``step`` on (corrupt batches)."""
+
+    def __init__(self, rank: int, step: int, count: int) -> None:
+        self.rank, self.steps = rank, range(step, step + count)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step in self.steps:
+            batch[0].mul_(float("inf"))
+
+
 class Recorder(pl.Callback):
     """Keeps per-step losses and update sizes, the factors at fit start, and kills a rank on request."""
 
@@ -56,24 +93,26 @@ class Recorder(pl.Callback):
         self.kill_rank, self.kill_at_step = kill_rank, kill_at_step
         self.max_update_norm = 0.0
         self.row_layers: list[str] = []
+        self.finite_params: dict[int, bool] = {}
         self._before: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
         self._before = [p.detach().clone() for p in pl_module.parameters()]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pre = trainer.strategy.preconditioner
-        for layer in pre.layers:
+        pre = getattr(trainer.strategy, "preconditioner", None)
+        for layer in pre.layers if pre is not None else []:
             factors = pre.factors(layer.name)
             if factors is not None:
                 self.factors_at_start[layer.name] = (factors[0].clone(), factors[1].clone())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pre = trainer.strategy.preconditioner
-        self.row_layers = [pre.layers[i].name for i in pre.row_layers]
+        pre = getattr(trainer.strategy, "preconditioner", None)
+        self.row_layers = [pre.layers[i].name for i in pre.row_layers] if pre is not None else []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])
+        self.finite_params[trainer.global_step] = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
         update = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(pl_module.parameters(), self._before)])
         self.max_update_norm = max(self.max_update_norm, float(update.norm()))
         if trainer.global_rank == self.kill_rank and trainer.global_step == self.kill_at_step:
@@ -81,6 +120,10 @@ class Recorder(pl.Callback):
 
 
 def main() -> None:
+    # Before the launcher reads it (it sets threads only where OMP_NUM_THREADS is unset); the ranks it
+    # starts inherit the variable and run this line too.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     p = argparse.ArgumentParser()
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
@@ -101,40 +144,66 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--gather-rows", type=int, default=1)
     p.add_argument("--max-factor-dim", type=int, default=None)
+    p.add_argument("--model", choices=["mlp", "frozen"], default="mlp")
+    p.add_argument("--strategy", choices=["dpkfac", "ddp"], default="dpkfac")
+    p.add_argument("--inf-rank", type=int, default=None)
+    p.add_argument("--inf-at-step", type=int, default=None)
+    p.add_argument("--inf-steps", type=int, default=1)
+    p.add_argument("--max-consecutive-faults", type=int, default=5)
     args = p.parse_args()
 
     pl.seed_everything(0, workers=True)
     recorder = Recorder(args.kill_rank, args.kill_at_step)
-    strategy = lightning_dpkfac.DPKFACStrategy(
-        damping=1e-2, inv_update_steps=7, gather_rows=bool(args.gather_rows), max_factor_dim=args.max_factor_dim,
-        timeout=timedelta(seconds=args.timeout_s),
-    )
+    callbacks: list[pl.Callback] = [recorder, ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1)]
+    if args.inf_rank is not None:
+        callbacks.append(PoisonBatch(args.inf_rank, args.inf_at_step, args.inf_steps))
+    timeout = timedelta(seconds=args.timeout_s)
+    if args.strategy == "ddp":
+        strategy: DDPStrategy = DDPStrategy(timeout=timeout)
+    else:
+        strategy = lightning_dpkfac.DPKFACStrategy(
+            damping=1e-2, inv_update_steps=7, gather_rows=bool(args.gather_rows), max_factor_dim=args.max_factor_dim,
+            max_consecutive_faults=args.max_consecutive_faults, timeout=timeout,
+        )
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
         max_epochs=args.epochs, precision=args.precision, accumulate_grad_batches=args.accumulate,
         gradient_clip_val=args.clip,
-        callbacks=[recorder, ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1)],
+        callbacks=callbacks,
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, deterministic=True,
     )
     module_class = ManualClassifier if args.manual else ClassifierModule
-    module = module_class(mlp(hidden=(args.hidden,)), lr=args.lr, momentum=args.momentum)
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=args.batch_size, flatten=True), ckpt_path=args.resume)
+    net = frozen_backbone(args.hidden) if args.model == "frozen" else mlp(hidden=(args.hidden,))
+    module = module_class(net, lr=args.lr, momentum=args.momentum)
+    error = None
+    try:
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=args.batch_size, flatten=True),
+                    ckpt_path=args.resume)
+    except lightning_dpkfac.KFACNumericalError as e:  # every rank raises it at the same step
+        error = str(e)
 
     gathered: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(gathered, recorder.factors_at_start)
+    gathered_threads: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered_threads, torch.get_num_threads())
+    pre = getattr(strategy, "preconditioner", None)
     if trainer.is_global_zero and args.out is not None:
         torch.save(
             {
+                "error": error,
+                "finite_params": recorder.finite_params,
+                "skipped_steps": pre.skipped_steps if pre is not None else 0,
                 "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
                 "losses": recorder.losses,
                 "factors_at_start": gathered,
-                "owners": {l.name: o for l, o in zip(strategy.preconditioner.layers, strategy.preconditioner.owners)},
+                "owners": {l.name: o for l, o in zip(pre.layers, pre.owners)} if pre is not None else {},
                 "steps": trainer.global_step,
-                "kfac_steps": strategy.preconditioner.steps,
-                "factor_dtype": str(next(iter(strategy.preconditioner._states.values())).A.dtype),
+                "kfac_steps": pre.steps if pre is not None else 0,
+                "factor_dtype": next((str(s.A.dtype) for s in pre._states.values()), None) if pre is not None else None,
                 "max_update_norm": recorder.max_update_norm,
                 "row_layers": recorder.row_layers,
+                "threads": gathered_threads,
             },
             args.out,
         )
