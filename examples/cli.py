@@ -17,12 +17,12 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_dpkfac  # registers strategy="dpkfac" before the Trainer is built
-from lightning_dpkfac.data import DigitsDataModule
-from lightning_dpkfac.models import ClassifierModule, cnn
+from lightning_dpkfac.tools.data import DigitsDataModule
+from lightning_dpkfac.tools.models import ClassifierModule, cnn
 
 
 class DigitsCNN(ClassifierModule):
-    """The digits CNN (``lightning_dpkfac.models.cnn``); ``optimizer`` is "sgd" or "adam"."""
+    """The digits CNN (``lightning_dpkfac.tools.models.cnn``); ``optimizer`` is "sgd" or "adam"."""
 
     def __init__(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, optimizer: str = "sgd") -> None:
         super().__init__(cnn(), lr=lr, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer)

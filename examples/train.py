@@ -10,7 +10,7 @@ Each job writes ``csv/metrics.csv`` (CSV logger) and ``summary.json`` into its H
 
 Lightning's default launcher re-runs this command line for ranks 1..N-1 (with the same output dir), so
 every rank composes the same config; only global rank 0 prints and writes the summary. In a multirun,
-each job is run as a fresh single run of this script (see ``lightning_dpkfac.hydra_jobs``).
+each job is run as a fresh single run of this script (see ``lightning_dpkfac.hydra.jobs``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import lightning_dpkfac  # noqa: F401  (registers the strategies and the Hydra schemas: before any Trainer)
 from lightning_dpkfac import DPKFACStrategy
-from lightning_dpkfac.hydra_jobs import in_multirun, run_job_in_fresh_process
-from lightning_dpkfac.models import ClassifierModule
+from lightning_dpkfac.hydra.jobs import in_multirun, run_job_in_fresh_process
+from lightning_dpkfac.tools.models import ClassifierModule
 
 SUMMARY = "summary.json"
 

@@ -10,11 +10,11 @@ registers) when ``pytorch_lightning`` is already imported; importing it is other
 
 import sys
 
-from lightning_dpkfac import hydra_config  # noqa: F401  (registers the Hydra schemas)
-from lightning_dpkfac.config import KFACConfig
-from lightning_dpkfac.layers import UnsupportedLayerError
-from lightning_dpkfac.preconditioner import KFACNumericalError, KFACPreconditioner
-from lightning_dpkfac.strategy import DPKFACStrategy, exit_process
+from lightning_dpkfac.hydra import schemas  # noqa: F401  (registers the Hydra schemas)
+from lightning_dpkfac.core.config import KFACConfig
+from lightning_dpkfac.core.layers import UnsupportedLayerError
+from lightning_dpkfac.core.preconditioner import KFACNumericalError, KFACPreconditioner
+from lightning_dpkfac.lightning.strategy import DPKFACStrategy, exit_process
 
 __all__ = [
     "DPKFACStrategy",

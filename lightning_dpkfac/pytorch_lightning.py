@@ -4,7 +4,7 @@
 its ``Trainer`` accepts only strategies and callbacks built on its own base classes. Importing this module
 registers "dpkfac" and "dkfac" with ``pytorch_lightning``'s registry and defines :class:`DPKFACStrategy` on
 its ``DDPStrategy``; the engine, the callback's hooks and every behaviour are the ones of
-:mod:`lightning_dpkfac.strategy`. ``import lightning_dpkfac`` imports this module by itself when
+:mod:`lightning_dpkfac.lightning.strategy`. ``import lightning_dpkfac`` imports this module by itself when
 ``pytorch_lightning`` was imported before it.
 
     import pytorch_lightning as pl
@@ -20,8 +20,8 @@ from pytorch_lightning import Callback
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from lightning_dpkfac.callback import KFACCallbackMixin
-from lightning_dpkfac.strategy import KFACStrategyMixin
+from lightning_dpkfac.lightning.callback import KFACCallbackMixin
+from lightning_dpkfac.lightning.strategy import KFACStrategyMixin
 
 
 class KFACCallback(KFACCallbackMixin, Callback):

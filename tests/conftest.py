@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from lightning_dpkfac.ranks import run_ranks
+from lightning_dpkfac.tools.ranks import run_ranks
 
 
 @pytest.fixture
 def ranks() -> Callable[..., list[Any]]:
     """``ranks(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` on real gloo ranks (forked,
-    results ordered by rank; ``lightning_dpkfac.ranks.run_ranks``)."""
+    results ordered by rank; ``lightning_dpkfac.tools.ranks.run_ranks``)."""
     return partial(run_ranks, backend="gloo")
 
 

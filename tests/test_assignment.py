@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_dpkfac.assignment import (
+from lightning_dpkfac.distributed.assignment import (
     MIN_AUTO_PART,
     LayerShape,
     assign_owners,
@@ -13,7 +13,7 @@ from lightning_dpkfac.assignment import (
     load_imbalance,
     rank_loads,
 )
-from lightning_dpkfac.shape_tables import BUILTIN
+from lightning_dpkfac.tools.shape_tables import BUILTIN
 
 #: The MLP 784-512-512-10 of the benchmark: its first layer costs 65% of the K-FAC work.
 MLP = [LayerShape(785, 512), LayerShape(513, 512), LayerShape(513, 10)]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_dpkfac.bench import _median_spread, main, parse_args
-from lightning_dpkfac.comm import KINDS
+from lightning_dpkfac.tools.bench import _median_spread, main, parse_args
+from lightning_dpkfac.distributed.comm import KINDS
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_writes_results_json_markdown_and_plots(tiny_run) -> None:
     out, results = tiny_run
-    assert results["schema"] == "lightning_dpkfac.bench/1"
+    assert results["schema"] == "lightning_dpkfac.tools.bench/1"
     for name in ("results.md", "step_time.png", "bytes.png", "accuracy.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
@@ -90,7 +90,7 @@ def test_a_seed_that_never_reaches_the_target_counts_as_infinitely_slow() -> Non
 
 
 def test_one_rank_reports_no_communication_ratio() -> None:
-    from lightning_dpkfac.bench_report import paper_ratios
+    from lightning_dpkfac.tools.bench_report import paper_ratios
 
     side = {"phases_s": {"factor": 1.0, "inverse": 0.0, "precondition": 1.0}, "bytes_per_step": {},
             "state_bytes": [{"factors": 4, "decompositions": 4, "capture": 4}], "peak_rss_bytes": None}

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import kfac_reference as ref
 from lightning_dpkfac import KFACConfig, KFACPreconditioner
-from lightning_dpkfac.layers import Block, block_grid, make_layer, split_range
+from lightning_dpkfac.core.layers import Block, block_grid, make_layer, split_range
 
 HP = dict(damping=1e-2, factor_decay=0.8, lr=0.1, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-3)
 STEPS = 4
@@ -181,7 +181,7 @@ def _train_and_check(rank: int, world: int, model_name: str, mode: str, method: 
         "params": flat,
         "owners": {layer.name: owner for layer, owner in zip(pre.layers, pre.owners)},
         "modules": {layer.name: layer.module_name for layer in pre.layers},
-        "row_layers": [pre.layers[i].name for i in pre.row_layers],
+        "row_layers": pre.row_layers,
         "bytes": pre.bytes_sent,
         "state": pre.state_bytes(),
         "block_params": sum(layer.num_params for layer in pre.layers),

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from conftest import launch_env, run_command
 from lightning_dpkfac import DPKFACStrategy, KFACConfig
-from lightning_dpkfac.data import DigitsDataModule
+from lightning_dpkfac.tools.data import DigitsDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_dpkfac import bench, plan
-from lightning_dpkfac.bench_report import write_plots
-from lightning_dpkfac.data import DigitsDataModule, MNIST1DDataModule
+from lightning_dpkfac.tools import bench, plan
+from lightning_dpkfac.tools.bench_report import write_plots
+from lightning_dpkfac.tools.data import DigitsDataModule, MNIST1DDataModule
 
 INSTALL = "pip install 'lightning-dpkfac[examples]'"
 
@@ -44,7 +44,7 @@ def _hide(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("module", ["lightning_dpkfac.bench", "lightning_dpkfac.plan"])
+@pytest.mark.parametrize("module", ["lightning_dpkfac.tools.bench", "lightning_dpkfac.tools.plan"])
 def test_help_works_without_the_examples_extra(module: str) -> None:
     result = subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS, module], capture_output=True, text=True,
                             timeout=100)

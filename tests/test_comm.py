@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_dpkfac.comm import Communicator
+from lightning_dpkfac.distributed.comm import Communicator
 
 
 def test_single_process_collectives_are_no_ops_that_count_nothing() -> None:
@@ -18,7 +18,7 @@ def test_single_process_collectives_are_no_ops_that_count_nothing() -> None:
 def test_buckets_respect_the_cap_and_split_on_dtype() -> None:
     comm = Communicator(bucket_cap_bytes=40)
     tensors = [torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(2, dtype=torch.float64), torch.zeros(20)]
-    sizes = [[t.numel() for t in b] for b in comm._buckets(tensors)]
+    sizes = [[t.numel() for t in b] for b in comm.buckets(tensors)]
     assert sizes == [[4, 4], [4], [2], [20]]  # 32 B fit, a 3rd would exceed 40 B; dtype change; oversize alone
 
 

@@ -117,7 +117,7 @@ def test_strategy_splits_kfac_and_ddp_keyword_arguments() -> None:
 
 
 def test_kfac_layers_split_over_two_optimizers_are_refused() -> None:
-    from lightning_dpkfac.callback import check_optimizers
+    from lightning_dpkfac.lightning.callback import check_optimizers
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     pre = KFACPreconditioner(model)
@@ -127,7 +127,7 @@ def test_kfac_layers_split_over_two_optimizers_are_refused() -> None:
 
 
 def test_kl_clip_with_groups_of_different_lr_asks_for_an_explicit_lr() -> None:
-    from lightning_dpkfac.callback import check_optimizers
+    from lightning_dpkfac.lightning.callback import check_optimizers
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters(), "lr": 0.01}]

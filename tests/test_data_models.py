@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lightning_dpkfac import KFACPreconditioner
-from lightning_dpkfac.data import MNIST1DDataModule
-from lightning_dpkfac.models import cnn1d, resnet_small, transformer_classifier
+from lightning_dpkfac.tools.data import MNIST1DDataModule
+from lightning_dpkfac.tools.models import cnn1d, resnet_small, transformer_classifier
 
 
 @pytest.fixture

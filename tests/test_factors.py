@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_dpkfac.factors import BatchFactor, DeferredFactor
+from lightning_dpkfac.core.factors import BatchFactor, DeferredFactor
 
 D = 6
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dpkfac import KFACPreconditioner
-from lightning_dpkfac.preconditioner import KFACNumericalError
+from lightning_dpkfac.core.preconditioner import KFACNumericalError
 
 HP = dict(damping=1e-2, lr=0.1, kl_clip=1e-3, inv_update_steps=1)
 

@@ -65,8 +65,8 @@ def test_lightning_gpu_run(tmp_path: Path, precision: str) -> None:
     devices = min(torch.cuda.device_count(), 2)
     code = (
         "import lightning.pytorch as pl, lightning_dpkfac\n"
-        "from lightning_dpkfac.data import DigitsDataModule\n"
-        "from lightning_dpkfac.models import ClassifierModule, cnn\n"
+        "from lightning_dpkfac.tools.data import DigitsDataModule\n"
+        "from lightning_dpkfac.tools.models import ClassifierModule, cnn\n"
         f"t = pl.Trainer(accelerator='gpu', devices={devices}, strategy='dpkfac', precision='{precision}',"
         " max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)\n"
         "m = ClassifierModule(cnn())\n"

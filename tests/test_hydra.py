@@ -26,8 +26,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_dpkfac
-from lightning_dpkfac.hydra_config import DDP_KEYWORDS, DPKFACStrategySchema
-from lightning_dpkfac.models import ClassifierModule
+from lightning_dpkfac.hydra.schemas import DDP_KEYWORDS, DPKFACStrategySchema
+from lightning_dpkfac.tools.models import ClassifierModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import launch_env, run_command
-from lightning_dpkfac.ranks import free_port
+from lightning_dpkfac.tools.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "fit_digits.py"
@@ -88,7 +88,7 @@ def test_manual_optimization_runs_kfac_through_the_lightning_optimizer(tmp_path:
 
 
 def test_row_gathering_trains_like_reducing_gradients_under_lightning(tmp_path: Path) -> None:
-    """A wide hidden layer and 8 examples per rank: dpkfac gathers its rows (lightning_dpkfac.rows)."""
+    """A wide hidden layer and 8 examples per rank: dpkfac gathers its rows (lightning_dpkfac.distributed.rows)."""
     common = ("--devices", "2", "--precision", "64-true", "--hidden", "256", "--batch-size", "8")
     rows = fit(tmp_path, "rows", *common)
     grads = fit(tmp_path, "grads", *common, "--gather-rows", "0")

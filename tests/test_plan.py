@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dpkfac import KFACPreconditioner
-from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost
-from lightning_dpkfac.comm import KINDS, Communicator, counting_all_reduce_hook
-from lightning_dpkfac.plan import (
+from lightning_dpkfac.distributed.assignment import LayerShape, assign_owners, layer_cost
+from lightning_dpkfac.distributed.comm import KINDS, Communicator, counting_all_reduce_hook
+from lightning_dpkfac.tools.plan import (
     bytes_per_step,
     main,
     owner_imbalance,
@@ -27,7 +27,7 @@ from lightning_dpkfac.plan import (
     predict_state_bytes,
     shapes_of,
 )
-from lightning_dpkfac.shape_tables import ModelShapes, bert_base, resnet50
+from lightning_dpkfac.tools.shape_tables import ModelShapes, bert_base, resnet50
 
 ONE_LAYER = ModelShapes("one layer", (("fc", LayerShape(d_a=3, d_g=2)),), other_params=4)
 
@@ -133,8 +133,8 @@ def test_cli_prints_owner_map_bytes_and_memory_for_1024_ranks(capsys) -> None:
 
 
 def test_cli_takes_an_importable_model_factory() -> None:
-    report = main(["lightning_dpkfac.models:cnn", "-P", "2"])
-    assert report.startswith("lightning_dpkfac.models:cnn: 4 K-FAC layers")
+    report = main(["lightning_dpkfac.tools.models:cnn", "-P", "2"])
+    assert report.startswith("lightning_dpkfac.tools.models:cnn: 4 K-FAC layers")
 
 
 def test_a_split_table_equals_the_engines_own_blocks() -> None:
@@ -156,8 +156,8 @@ def test_blocks_balance_resnet50_owners_and_memory_on_64_ranks() -> None:
 
 
 def test_cli_splits_layers_into_blocks(capsys) -> None:
-    report = main(["lightning_dpkfac.models:cnn", "-P", "2", "--max-factor-dim", "256"])
-    assert report.startswith("lightning_dpkfac.models:cnn: 6 K-FAC layers")  # the 512 -> 64 Linear: 3 blocks
+    report = main(["lightning_dpkfac.tools.models:cnn", "-P", "2", "--max-factor-dim", "256"])
+    assert report.startswith("lightning_dpkfac.tools.models:cnn: 6 K-FAC layers")  # the 512 -> 64 Linear: 3 blocks
     assert all(f"6[0:64,{c0}:{c1}]" in report for c0, c1 in ((0, 171), (171, 342), (342, 513)))
 
 
@@ -169,8 +169,8 @@ def test_paper_report_shows_how_blocks_balance_the_64_rank_owner_map() -> None:
 
 
 def test_cli_splits_only_the_layers_above_the_fair_share_with_auto() -> None:
-    report = main(["lightning_dpkfac.models:cnn", "-P", "2", "--max-factor-dim", "auto"])
-    assert report.startswith("lightning_dpkfac.models:cnn: 5 K-FAC layers")  # the 512 -> 64 Linear: 2 blocks
+    report = main(["lightning_dpkfac.tools.models:cnn", "-P", "2", "--max-factor-dim", "auto"])
+    assert report.startswith("lightning_dpkfac.tools.models:cnn: 5 K-FAC layers")  # the 512 -> 64 Linear: 2 blocks
     assert "6[0:64,0:257]" in report and "6[0:64,257:513]" in report
 
 
@@ -189,9 +189,9 @@ def test_cli_refuses_more_than_1024_ranks() -> None:
     ("model", "reason"),
     [
         ("resnet5", "is neither a built-in table (resnet50, bert-base, transformer) nor 'package.module:factory' "
-                    "(e.g. lightning_dpkfac.models:cnn)"),
+                    "(e.g. lightning_dpkfac.tools.models:cnn)"),
         ("no_such_package.models:cnn", "no module named 'no_such_package' on the Python path"),
-        ("lightning_dpkfac.models:cnm", "module 'lightning_dpkfac.models' has no attribute 'cnm'"),
+        ("lightning_dpkfac.tools.models:cnm", "module 'lightning_dpkfac.tools.models' has no attribute 'cnm'"),
     ],
     ids=["unknown-table", "unknown-module", "unknown-factory"],
 )
@@ -264,7 +264,7 @@ def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
         "bytes": dict(comm.bytes_sent) if pre is None else pre.bytes_sent,
         "state": None if pre is None else {**pre.state_bytes(), "capture": capture},
         "owners": None if pre is None else pre.owners,
-        "row_layers": [] if pre is None else [pre.layers[i].name for i in pre.row_layers],
+        "row_layers": [] if pre is None else pre.row_layers,
     }
 
 
@@ -299,9 +299,9 @@ def test_shapes_count_token_rows_from_an_example_batch() -> None:
 
 def test_cli_predicts_row_gathering_from_a_batch_size(capsys) -> None:
     """The digits MLP's 64 -> 128 layer on 8 examples per rank: its rows are smaller than its gradient."""
-    main(["lightning_dpkfac.models:mlp", "-P", "2", "--input-shape", "64"])
+    main(["lightning_dpkfac.tools.models:mlp", "-P", "2", "--input-shape", "64"])
     without = capsys.readouterr().out
-    main(["lightning_dpkfac.models:mlp", "-P", "2", "--input-shape", "64", "--batch-size", "8"])
+    main(["lightning_dpkfac.tools.models:mlp", "-P", "2", "--input-shape", "64", "--batch-size", "8"])
     with_rows = capsys.readouterr().out
     gradients = [line for line in (without, with_rows) for line in line.splitlines() if line.strip().startswith("gradients")]
     assert len(gradients) == 2 and gradients[0] != gradients[1]

@@ -40,6 +40,6 @@ def test_pytorch_lightning_trains_by_name_exactly_like_lightning(tmp_path: Path)
         results[namespace] = torch.load(out, weights_only=False)
     ours, theirs = results["pytorch_lightning"], results["lightning.pytorch"]
     assert ours["strategy"] == "lightning_dpkfac.pytorch_lightning.DPKFACStrategy"
-    assert theirs["strategy"] == "lightning_dpkfac.strategy.DPKFACStrategy"
+    assert theirs["strategy"] == "lightning_dpkfac.lightning.strategy.DPKFACStrategy"
     assert ours["kfac_steps"] == theirs["kfac_steps"] == 8
     assert all(torch.equal(ours["params"][k], theirs["params"][k]) for k in theirs["params"])

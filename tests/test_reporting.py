@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dpkfac import KFACPreconditioner, preconditioner
+from lightning_dpkfac import KFACPreconditioner
+from lightning_dpkfac.core import preconditioner
 
 
 class TinyLM(nn.Module):

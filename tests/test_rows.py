@@ -1,4 +1,4 @@
-"""Row gathering (``lightning_dpkfac.rows``): for a wide Linear layer and a small batch the owner gathers
+"""Row gathering (``lightning_dpkfac.distributed.rows``): for a wide Linear layer and a small batch the owner gathers
 every rank's rows ``a``, ``g`` instead of the reduced gradient and preconditions ``g^T a`` in factored form.
 It must change nothing but the traffic: every run below is compared with the same run with
 ``gather_rows=False`` (whose gradient path ``test_distributed`` checks against the dense reference), in
@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dpkfac import KFACPreconditioner
-from lightning_dpkfac.rows import rows_pay_off
+from lightning_dpkfac.distributed.rows import rows_pay_off
 
 HP = dict(damping=1e-2, factor_decay=0.8, lr=0.1, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-3)
 STEPS = 4
@@ -73,7 +73,7 @@ def _train(rank: int, world: int, variant: str, gather_rows: bool, method: str, 
     return {
         "params": flat,
         "ranks_identical": all(torch.equal(gathered[0], other) for other in gathered),
-        "row_layers": [pre.layers[i].name for i in pre.row_layers],
+        "row_layers": pre.row_layers,
         "bytes": pre.bytes_sent,
         "forward_hooks": {name: len(m._forward_hooks) for name, m in model.named_children()},
         "owners": {layer.name: pre.owner_of(layer.name) for layer in pre.layers},
@@ -162,7 +162,7 @@ def _first_backward_on_tokens(rank: int, world: int) -> dict:
     ddp(torch.randn(BATCH, 60, 8)).square().mean().backward()
     kept = {pre.layers[i].name: c.holds_rows for i, c in pre._rows.captures.items()}  # before the step
     pre.step()
-    return {"kept": kept, "row_layers": [pre.layers[i].name for i in pre.row_layers]}
+    return {"kept": kept, "row_layers": pre.row_layers}
 
 
 def test_a_layer_whose_rows_cannot_pay_off_keeps_none_during_the_first_step(ranks) -> None:
@@ -189,7 +189,7 @@ def _autocast_bf16(rank: int, world: int) -> dict:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
-    return {"row_layers": [pre.layers[i].name for i in pre.row_layers], "same": torch.equal(*gathered),
+    return {"row_layers": pre.row_layers, "same": torch.equal(*gathered),
             "finite": bool(torch.isfinite(flat).all())}
 
 

@@ -34,8 +34,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 import lightning_dpkfac
-from lightning_dpkfac.data import DigitsDataModule
-from lightning_dpkfac.models import ClassifierModule, mlp
+from lightning_dpkfac.tools.data import DigitsDataModule
+from lightning_dpkfac.tools.models import ClassifierModule, mlp
 
 
 class ManualClassifier(ClassifierModule):
@@ -108,7 +108,7 @@ class Recorder(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pre = getattr(trainer.strategy, "preconditioner", None)
-        self.row_layers = [pre.layers[i].name for i in pre.row_layers] if pre is not None else []
+        self.row_layers = pre.row_layers if pre is not None else []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])

@@ -17,12 +17,12 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
-from lightning_dpkfac.comm import KINDS
+from lightning_dpkfac.distributed.comm import KINDS
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from lightning_dpkfac.preconditioner import KFACPreconditioner
+    from lightning_dpkfac.core.preconditioner import KFACPreconditioner
 
 PHASES = ("factor", "inverse", "precondition", "comm")
 

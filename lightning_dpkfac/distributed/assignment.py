@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_dpkfac.config import check_max_factor_dim
+from lightning_dpkfac.core.config import check_max_factor_dim
 
 #: ``max_factor_dim="auto"`` never cuts a factor into parts smaller than this: below it a block's
 #: decomposition costs less than the per-block overhead, so cutting buys no balance.
@@ -25,7 +25,7 @@ MIN_AUTO_PART = 64
 class LayerShape:
     """Factor sizes of one layer: ``A`` is d_a x d_a, ``G`` is d_g x d_g, the gradient is d_g x d_a.
     ``rows_per_example``: for a Linear layer, the input rows per example (1 on 2-D inputs, T on (B, T, d)
-    inputs), which decide whether dpkfac gathers its rows (:mod:`lightning_dpkfac.rows`); 0 for other layers
+    inputs), which decide whether dpkfac gathers its rows (:mod:`lightning_dpkfac.distributed.rows`); 0 for other layers
     and where it is not known."""
 
     d_a: int

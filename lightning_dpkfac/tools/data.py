@@ -5,7 +5,7 @@
   ``mnist1d`` package's own generator (``mnist1d.data.make_dataset``: no file is read or written).
 
 scikit-learn and ``mnist1d`` (like matplotlib for plots) come with the ``examples`` extra, not with a plain
-``pip install``: they are imported when data is built, under :func:`~lightning_dpkfac.extras.needs_extra`.
+``pip install``: they are imported when data is built, under :func:`~lightning_dpkfac.tools.extras.needs_extra`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dpkfac.extras import needs_extra
+from lightning_dpkfac.tools.extras import needs_extra
 
 class _TensorDataModule(pl.LightningDataModule):
     """Train/val/test ``TensorDataset``s built once by ``_build`` (on every rank, deterministically)."""

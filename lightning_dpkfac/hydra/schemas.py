@@ -2,7 +2,7 @@
 
 Group ``strategy``:
 
-- ``dpkfac_schema``: every :class:`~lightning_dpkfac.config.KFACConfig` field (derived from the dataclass,
+- ``dpkfac_schema``: every :class:`~lightning_dpkfac.core.config.KFACConfig` field (derived from the dataclass,
   never listed by hand) plus the DDP keywords below, ``_target_: lightning_dpkfac.DPKFACStrategy``.
 - ``ddp_schema``: the DDP keywords below, ``_target_: lightning.pytorch.strategies.DDPStrategy``.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from lightning_dpkfac.config import KFACConfig
+from lightning_dpkfac.core.config import KFACConfig
 
 #: ``DDPStrategy`` keywords a YAML config may set: (name, type, default). ``find_unused_parameters`` and
 #: ``bucket_cap_mb`` go on to ``DistributedDataParallel``. Any other DDP keyword can be added here the same way.

@@ -46,11 +46,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dpkfac.assignment import LayerShape, assign_owners, layer_cost, load_imbalance, rank_loads
-from lightning_dpkfac.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
-from lightning_dpkfac.config import KFACConfig
-from lightning_dpkfac.factors import BatchFactor, DeferredFactor
-from lightning_dpkfac.layers import (
+from lightning_dpkfac.distributed.assignment import LayerShape, assign_owners, layer_cost, load_imbalance, rank_loads
+from lightning_dpkfac.distributed.comm import Communicator, counting_all_reduce_hook, owner_reduce_hook
+from lightning_dpkfac.core.config import KFACConfig
+from lightning_dpkfac.core.factors import BatchFactor, DeferredFactor
+from lightning_dpkfac.core.layers import (
     KFACLayer,
     discover_layers,
     grad_hook_target,
@@ -58,7 +58,7 @@ from lightning_dpkfac.layers import (
     plain_parameters,
     tied_names,
 )
-from lightning_dpkfac.rows import RowGatherer
+from lightning_dpkfac.distributed.rows import RowGatherer
 
 log = logging.getLogger("lightning_dpkfac")
 
@@ -107,6 +107,18 @@ class _LayerState:
 
     def decomposed(self) -> bool:
         return self.qa is not None or self.a_inv is not None
+
+
+@dataclass(frozen=True)
+class LayerStateView:
+    """A copy of one layer's K-FAC state on this rank (:meth:`KFACPreconditioner.layer_state`)."""
+
+    name: str
+    owner: int
+    dtype: torch.dtype  # of the factors and decompositions
+    A: Tensor | None
+    G: Tensor | None
+    decomposition: dict[str, Tensor]
 
 
 class KFACPreconditioner:
@@ -161,7 +173,7 @@ class KFACPreconditioner:
             if self._builds_factors(i)
         }
         self._layers_of_param = layers_of_params(self.layers)
-        # Row gathering: started by register_ddp_comm_hook in dpkfac (see lightning_dpkfac.rows).
+        # Row gathering: started by register_ddp_comm_hook in dpkfac (see lightning_dpkfac.distributed.rows).
         self._rows = RowGatherer(self.layers, self.owners, self.comm)
         self._handles: list[RemovableHandle] = []
         for i in self._states:
@@ -204,6 +216,30 @@ class KFACPreconditioner:
     def holds_state(self, name: str) -> bool:
         """Whether this rank keeps any factor or decomposition tensor for layer ``name``."""
         return self._index(name) in self._states
+
+    def layer_state(self, name: str) -> LayerStateView | None:
+        """A copy of what this rank holds for layer ``name`` (``None`` if nothing): running factors and the
+        decomposition's tensors by their checkpoint names (eigen: ``qa``, ``qg``, ``dgda``; inverse:
+        ``a_inv``, ``g_inv``)."""
+        index = self._index(name)
+        state = self._states.get(index)
+        if state is None:
+            return None
+
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().clone()
+
+        decomposition = {key: copy(getattr(state, key)) for key in _STATE_TENSORS[2:] if getattr(state, key) is not None}
+        return LayerStateView(name, self.owners[index], state.dtype, copy(state.A), copy(state.G), decomposition)
+
+    def captures(self, name: str) -> frozenset[str]:
+        """What this rank captures for layer ``name`` in forward and backward: ``"factors"`` (its A and G)
+        and/or ``"rows"`` (its input and output-gradient rows, for row gathering)."""
+        index = self._index(name)
+        kinds = {"factors"} if index in self._states and self._handles else set()
+        if index in self._rows.captures:
+            kinds.add("rows")
+        return frozenset(kinds)
 
     def describe(self) -> str:
         """A table of the covered layers (factor sizes, owner, weight tying) and of every trainable
@@ -250,7 +286,7 @@ class KFACPreconditioner:
 
     @property
     def bytes_sent(self) -> dict[str, float]:
-        """Cumulative per-rank traffic by kind (see :mod:`lightning_dpkfac.comm` for the convention)."""
+        """Cumulative per-rank traffic by kind (see :mod:`lightning_dpkfac.distributed.comm` for the convention)."""
         return dict(self.comm.bytes_sent)
 
     def register_ddp_comm_hook(self, ddp: DistributedDataParallel) -> None:
@@ -307,9 +343,9 @@ class KFACPreconditioner:
         self._rows.check(param, grad)
 
     @property
-    def row_layers(self) -> list[int]:
-        """Indices of the layers whose owner gathers their rows instead of their gradient."""
-        return self._rows.chosen
+    def row_layers(self) -> list[str]:
+        """The layers whose owner gathers their rows instead of their gradient."""
+        return [self.layers[i].name for i in self._rows.chosen]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -743,7 +779,7 @@ class KFACPreconditioner:
 
     def _precondition_rows(self, state: _LayerState, a: Tensor, g: Tensor, damping: float,
                            out: Tensor) -> tuple[Tensor, Tensor]:
-        """``(P, sum(P * grad))`` for ``grad = g^T a`` without forming ``grad`` (see :mod:`lightning_dpkfac.rows`):
+        """``(P, sum(P * grad))`` for ``grad = g^T a`` without forming ``grad`` (see :mod:`lightning_dpkfac.distributed.rows`):
         inverse: ``P = U V`` with ``U = G^-1 g^T``, ``V = a A^-1``, and ``sum(P * grad) = sum((g U) * (a V^T))``
         (N x N products); eigen: in the eigenbasis ``sum(P * grad) = sum(v^2 / (dg da + damping))``.
         ``P`` is written into ``out`` (d_g x d_a) when the dtypes agree."""

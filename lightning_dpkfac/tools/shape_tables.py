@@ -3,7 +3,7 @@
 A table lists the K-FAC-covered layers in registration order as ``(name, LayerShape(d_a, d_g))``
 (``d_a`` = inputs x kernel size, +1 with a bias; ``d_g`` = outputs), and ``other_params``, the number
 of parameters that keep their plain gradient (normalisation layers, embeddings). Float32 parameters.
-Row gathering (:mod:`lightning_dpkfac.rows`) is modelled for ResNet-50's classifier only; the token
+Row gathering (:mod:`lightning_dpkfac.distributed.rows`) is modelled for ResNet-50's classifier only; the token
 models' Linear layers see B x T rows, far more than their gradient at any practical batch.
 
 - ``resnet50``: torchvision's ResNet-50 v1.5 for ImageNet (53 bias-free convolutions + the 1000-way
@@ -25,8 +25,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lightning_dpkfac.assignment import LayerShape, block_limits
-from lightning_dpkfac.layers import block_grid, block_name
+from lightning_dpkfac.distributed.assignment import LayerShape, block_limits
+from lightning_dpkfac.core.layers import block_grid, block_name
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The benchmark's report: the performance goals, ``results.md`` tables and PNG plots, from the
-``results.json`` dictionary that :mod:`lightning_dpkfac.bench` builds (its schema is documented there)."""
+``results.json`` dictionary that :mod:`lightning_dpkfac.tools.bench` builds (its schema is documented there)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_dpkfac.comm import KINDS
-from lightning_dpkfac.extras import needs_extra
+from lightning_dpkfac.distributed.comm import KINDS
+from lightning_dpkfac.tools.extras import needs_extra
 
 PHASES = ("forward_backward", "factor", "inverse", "precondition", "comm", "optimizer", "other")
 STATE_KINDS = ("factors", "decompositions", "capture")
@@ -158,7 +158,7 @@ def format_markdown(results: dict[str, Any]) -> str:
                       [[k, _ms(v["step_s"]["median"]), f"{v['ratio_to_ddp']:.2f}x" if v["ratio_to_ddp"] else "-",
                         _ms(v["step_s"]["mean"]), *(_ms(v["phases_s"][p]) for p in PHASES)] for k, v in s.items()])
         ddp_grad = s["ddp"]["bytes_per_step"]["gradients"] if "ddp" in s else 0.0
-        out += ["", "KiB sent per rank per step (engine counters; predicted: lightning_dpkfac.plan):", ""]
+        out += ["", "KiB sent per rank per step (engine counters; predicted: lightning_dpkfac.tools.plan):", ""]
         out += _table(["strategy", *KINDS, "total", "predicted total", "total / DDP"],
                       [[k, *(_kib(v["bytes_per_step"].get(kind, 0.0)) for kind in KINDS), _kib(_total(v["bytes_per_step"])),
                         _kib(_total(v["bytes_per_step_predicted"])),

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_dpkfac.comm import Communicator
-from lightning_dpkfac.layers import KFACLayer, LinearLayer, grad_hook_target, layers_of_params
+from lightning_dpkfac.distributed.comm import Communicator
+from lightning_dpkfac.core.layers import KFACLayer, LinearLayer, grad_hook_target, layers_of_params
 
 log = logging.getLogger("lightning_dpkfac")
 

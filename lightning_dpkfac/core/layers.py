@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpkfac.assignment import LayerShape, block_limits
+from lightning_dpkfac.distributed.assignment import LayerShape, block_limits
 
 
 class UnsupportedLayerError(ValueError):

@@ -1,7 +1,7 @@
 """Bucketed asynchronous collectives on a ``torch.distributed`` process group, with byte counters.
 
 Byte counters record, per kind of traffic, the bytes one rank moves on average under a bandwidth-optimal
-algorithm (the convention of the DP-KFAC paper and of ``lightning_dpkfac.plan``), for a payload of
+algorithm (the convention of the DP-KFAC paper and of ``lightning_dpkfac.tools.plan``), for a payload of
 ``m`` bytes on ``P`` ranks:
 
 - all-reduce: ``2 (P - 1) / P * m`` (ring: reduce-scatter then all-gather);
@@ -65,7 +65,7 @@ class Communicator:
         if self.world_size == 1 or not tensors:
             return
         pending = []
-        for bucket in self._buckets(tensors):
+        for bucket in self.buckets(tensors):
             flat = _pack(bucket)
             self.count(kind, "all_reduce", flat.numel() * flat.element_size())
             work = dist.all_reduce(flat, op=op, group=self.group, async_op=True)
@@ -93,7 +93,7 @@ class Communicator:
             return PendingBroadcast([], receiving=False)
         receiving = owner != self.rank
         pending = []
-        for bucket in self._buckets(tensors):
+        for bucket in self.buckets(tensors):
             if receiving and len(bucket) > 1:
                 flat = bucket[0].new_empty(sum(t.numel() for t in bucket))
             else:
@@ -153,7 +153,7 @@ class Communicator:
             by_owner[owner].append(i)
         pending = []
         for owner in sorted(by_owner):
-            for bucket in self._buckets([tensors[i] for i in by_owner[owner]]):
+            for bucket in self.buckets([tensors[i] for i in by_owner[owner]]):
                 flat = _pack(bucket)
                 self.count(kind, "gather", flat.numel() * flat.element_size())
                 # One (P, bucket) tensor on the owner: the ranks' parts land in its rows, no copy after.
@@ -175,7 +175,7 @@ class Communicator:
                 offset += n
         return out
 
-    def _buckets(self, tensors: Sequence[Tensor]) -> Iterator[list[Tensor]]:
+    def buckets(self, tensors: Sequence[Tensor]) -> Iterator[list[Tensor]]:
         """Consecutive runs of same-dtype, same-device tensors of at most ``bucket_cap_bytes`` each
         (a single larger tensor is a bucket of its own)."""
         bucket: list[Tensor] = []
@@ -223,7 +223,7 @@ def counting_all_reduce_hook(comm, bucket):  # type: ignore[no-untyped-def]
 def owner_reduce_hook(pre, bucket):  # type: ignore[no-untyped-def]
     """DDP comm hook for dpkfac: average each K-FAC layer's (block's) gradients onto its owner only (a
     reduce, ~half the traffic of an all-reduce), and all-reduce the other gradients; the gradients of layers whose
-    owner gathers their rows instead (:mod:`lightning_dpkfac.rows`) stay where they are. ``pre`` is the
+    owner gathers their rows instead (:mod:`lightning_dpkfac.distributed.rows`) stay where they are. ``pre`` is the
     ``KFACPreconditioner``, whose :meth:`step` later broadcasts every layer's result. (No annotations:
     see :func:`counting_all_reduce_hook`.)"""
     comm: Communicator = pre.comm

@@ -50,7 +50,7 @@ class KFACConfig:
             of all ranks are fewer numbers than its gradient (small batches, wide layers), the owner
             gathers the rows and computes the averaged gradient ``g^T a`` and its preconditioning in
             factored form (fewer bytes and flops; decided per layer at the first step, see
-            ``lightning_dpkfac.rows``). (default: True)
+            ``lightning_dpkfac.distributed.rows``). (default: True)
         max_factor_dim: split a layer whose A or G is larger than this into a grid of blocks with factors of
             at most this size, each preconditioned with the diagonal blocks of the layer's factors and owned
             on its own (``layers.Block``): block-diagonal K-FAC, an approximation that lets the ranks share

@@ -1,8 +1,8 @@
 """The Lightning face: ``DPKFACStrategy`` (registered as "dpkfac") and the D-KFAC baseline ("dkfac").
 
 The strategy is Lightning's own DDP strategy (same launchers, cluster environments, precision plugins),
-plus a :class:`~lightning_dpkfac.preconditioner.KFACPreconditioner` built on the LightningModule once it
-is on its device and wrapped, and a :class:`~lightning_dpkfac.callback.KFACCallback` that runs it in
+plus a :class:`~lightning_dpkfac.core.preconditioner.KFACPreconditioner` built on the LightningModule once it
+is on its device and wrapped, and a :class:`~lightning_dpkfac.lightning.callback.KFACCallback` that runs it in
 ``on_before_optimizer_step``.
 
 Everything but the base classes lives in :class:`KFACStrategyMixin`, so that the same strategy also
@@ -27,9 +27,9 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_dpkfac.callback import KFACCallback, KFACCallbackMixin
-from lightning_dpkfac.config import FIELDS, KFACConfig, unknown_key_message
-from lightning_dpkfac.preconditioner import KFACPreconditioner
+from lightning_dpkfac.lightning.callback import KFACCallback, KFACCallbackMixin
+from lightning_dpkfac.core.config import FIELDS, KFACConfig, unknown_key_message
+from lightning_dpkfac.core.preconditioner import KFACPreconditioner
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -47,7 +47,7 @@ class KFACStrategyMixin:
     Args:
         damping, factor_decay, kl_clip, lr, factor_update_steps, inv_update_steps, method, mode, skip_layers,
             kfac_bucket_cap_mb, gather_rows, max_factor_dim, max_consecutive_faults: the
-            :class:`~lightning_dpkfac.config.KFACConfig` fields, with the same defaults and meanings.
+            :class:`~lightning_dpkfac.core.config.KFACConfig` fields, with the same defaults and meanings.
             ``lr`` left at ``None`` makes KL-clip read the learning rate of the optimizer's first
             parameter group.
         kfac_config: all of the above as one :class:`KFACConfig`, instead of the keywords (giving both

@@ -1,0 +1,1 @@
+"""The Lightning face: the ``dpkfac``/``dkfac`` strategy and the callback that runs the engine."""

@@ -1,0 +1,665 @@
+"""Benchmark: DDP-SGD, D-KFAC (``dkfac``) and DP-KFAC (``dpkfac``) side by side, in one invocation.
+
+    python -m lightning_dpkfac.tools.bench                 # full run, into bench_results/
+    python -m lightning_dpkfac.tools.bench --quick         # CI smoke run, < 2 minutes on 2 CPU cores
+
+Every trial runs on ``--world-size`` fresh ranks (forked gloo processes on CPU, one thread each; spawned
+NCCL processes, one GPU each, on CUDA), with the engine driven directly through ``torch.distributed``
+and DDP-wrapped models. Each rank holds one model per strategy (same seed, same data, same
+hyper-parameters) and steps them in turn, ABCABC..., rotating who goes first: machine drift (the CPU
+is shared) hits every strategy alike. Peak memory needs a process per strategy: short single-strategy
+trials measure it.
+
+Step time (``--models``): ``--warmup`` steps, then ``--steps`` timed steps (forward, backward, K-FAC
+step, SGD step) per repetition; ``--reps`` repetitions in fresh processes. A fresh batch every step:
+synthetic tensors for the MLP and the Transformer, digits for the CNN. K-FAC uses ``--step-method``
+(default inverse). Every rank flushes denormal floats and keeps freed memory (``_tune_cpu_process``),
+whatever the strategy.
+Convergence (``--tasks``): DDP-SGD, DDP-Adam, dkfac and dpkfac (SGD with momentum plus K-FAC) trained
+side by side on digits (CNN, target 97%) and MNIST-1D (1-D CNN, target 90%), accuracy on the test split
+(``--eval-split val`` for choosing hyper-parameters) every ``--eval-every`` steps and at the end of every
+epoch, for each of ``--seeds``; training time is the sum of the strategy's own step times (evaluation and
+data loading excluded). K-FAC there uses the step-time settings with ``--train-kfac`` applied.
+
+Outputs in ``--out``: ``results.json``, ``results.md`` (tables and the performance goals), and the plots
+``step_time.png`` (breakdown bars), ``bytes.png`` (bytes per step by kind), ``accuracy.png`` (accuracy
+vs training wall time).
+
+``results.json`` schema (``"schema": "lightning_dpkfac.tools.bench/1"``; times in seconds, sizes in bytes):
+
+- ``machine``: ``platform``, ``cpu_count``, ``torch``, ``backend`` ("gloo"/"nccl"), ``device``,
+  ``world_size``, ``loadavg_start`` and ``loadavg_end`` (the 1, 5 and 15-minute load averages: other
+  work on the machine inflates every time alike).
+- ``config``: the command-line arguments.
+- ``step_time[model]``: ``shapes`` (``layers``, ``covered_params`` N, ``other_params`` N_o), and
+  ``strategies[s]`` for s in ddp, dkfac, dpkfac:
+  ``step_s`` {``median``, ``mean``, ``p10``, ``p90``} of the per-step wall time (averaged over ranks,
+  which wait for each other in the collectives; all repetitions pooled); ``ratio_to_ddp``: median over
+  DDP-SGD's median;
+  ``phases_s``: mean seconds per step, averaged over ranks, that add up to the mean step time:
+  ``forward_backward`` (including DDP's gradient communication, excluding factor capture),
+  ``factor`` (capture hooks and running averages), ``inverse``, ``precondition``, ``comm`` (waiting for
+  K-FAC collectives), ``optimizer``, ``other`` (the rest of ``KFACPreconditioner.step``);
+  ``bytes_per_step`` {kind: bytes} measured by the engine's counters (rank 0; every rank counts the
+  same) and ``bytes_per_step_predicted`` by :mod:`lightning_dpkfac.tools.plan` for the same steps;
+  ``state_bytes``: per rank {``factors``, ``decompositions``, ``capture``} (``capture``: the batch-factor
+  accumulators held between backward and ``step()``; K-FAC captures no activations beyond them);
+  ``peak_rss_bytes`` and ``rss_growth_bytes`` per rank (peak resident memory of the single-strategy
+  trial, and its growth during that trial); ``load_imbalance`` (max/mean owner cost, null for ddp); ``owners``;
+  ``blocks`` (with ``--block-dim``): ``max_factor_dim``, ``layers`` (blocks), and ``strategies[s]`` for s in
+  dkfac, dpkfac: ``state_bytes`` per rank and ``load_imbalance`` with layers split by
+  ``max_factor_dim=--block-dim`` (default ``auto``).
+- ``convergence[task]``: ``target`` accuracy, ``split`` ("test" or "val") and ``eval_every``; ``runs[s]``:
+  per seed {``seed``, ``curve`` [[epochs done (fractional), train_s, accuracy], ...], ``time_to_target_s``,
+  ``epochs_to_target`` (fractional; null if never reached), ``final_acc``}; ``summary[s]``:
+  {``time_to_target_s``, ``epochs_to_target``, ``final_acc``} each {``median``, ``min``, ``max``} over the
+  seeds (a seed that never reached the target counts as infinite: null), and ``reached`` ("k/n").
+- ``paper_ratios[model]``: dkfac over dpkfac per rank and step, the paper's three figures:
+  ``computation`` (factor + inverse + precondition seconds), ``communication`` (bytes), ``kfac_memory``
+  (largest per-rank K-FAC state) and ``peak_rss`` (``bench_report.paper_ratios``).
+- ``goals``: [{``goal``, ``value``, ``limit``, ``met``}] (see :mod:`lightning_dpkfac.tools.bench_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_dpkfac.tools import models
+from lightning_dpkfac.tools.bench_report import evaluate_goals, paper_ratios, write_markdown, write_plots
+from lightning_dpkfac.distributed.comm import KINDS, Communicator, counting_all_reduce_hook
+from lightning_dpkfac.core.config import KFACConfig, unknown_key_message
+from lightning_dpkfac.tools.data import DigitsDataModule, MNIST1DDataModule
+from lightning_dpkfac.tools.plan import max_factor_dim_arg, predict_bytes, shapes_of
+from lightning_dpkfac.core.preconditioner import KFACPreconditioner
+from lightning_dpkfac.tools.ranks import run_ranks
+
+SCHEMA = "lightning_dpkfac.tools.bench/1"
+STEP_STRATEGIES = ("ddp", "dkfac", "dpkfac")
+TRAIN_STRATEGIES = ("sgd", "adam", "dkfac", "dpkfac")
+PHASES = ("forward_backward", "factor", "inverse", "precondition", "comm", "optimizer", "other")
+
+
+# ---------------------------------------------------------------------------------- models and data
+def _transformer() -> nn.Module:
+    """4 pre-norm encoder blocks, d_model 128, 4 heads, feed-forward 512, over 16 tokens of 32 features."""
+    return models.transformer_classifier(seq_len=16, token_dim=32, d_model=128, nhead=4, num_layers=4,
+                                         dim_feedforward=512)
+
+
+#: name -> (network factory, input shape of one example or "digits"): the step-time models.
+STEP_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...] | str]] = {
+    "mlp": (lambda: models.mlp(784, (512, 512), 10), (784,)),
+    "cnn": (models.cnn, "digits"),
+    "transformer": (_transformer, (16 * 32,)),
+}
+
+
+def _step_batches(model: str, batch_size: int, rank: int, seed: int, count: int) -> list[tuple[Tensor, Tensor]]:
+    """``count`` batches of ``batch_size`` examples for ``rank`` (different on every rank)."""
+    _, source = STEP_MODELS[model]
+    if source == "digits":
+        data = DigitsDataModule(batch_size=batch_size, seed=seed)
+        data.setup()
+        assert data.train_set is not None
+        x, y = data.train_set.tensors
+        start = rank * batch_size * count
+        idx = torch.arange(start, start + batch_size * count) % len(y)
+        return [(x[i], y[i]) for i in idx.split(batch_size)]
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    assert isinstance(source, tuple)
+    return [(torch.randn(batch_size, *source, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+            for _ in range(count)]
+
+
+#: task -> (data module factory (batch_size) -> module, network factory)
+TASKS: dict[str, tuple[Callable[[int], Any], Callable[[], nn.Module]]] = {
+    "digits": (lambda batch_size: DigitsDataModule(batch_size=batch_size), models.cnn),
+    "mnist1d": (lambda batch_size: MNIST1DDataModule(batch_size=batch_size), models.cnn1d),
+}
+
+
+# ---------------------------------------------------------------------------------- trials
+@dataclass(frozen=True)
+class KFACSettings:
+    """The K-FAC hyper-parameters shared by dkfac and dpkfac in every trial."""
+
+    damping: float = 0.1
+    factor_decay: float = 0.95
+    kl_clip: float = 1e-3
+    factor_update_steps: int = 1
+    inv_update_steps: int = 10
+    method: str = "inverse"
+    max_factor_dim: int | str | None = None
+
+
+KFAC_FIELDS = tuple(f.name for f in fields(KFACSettings))
+#: The convergence trials' K-FAC settings where they differ from KFACSettings' defaults (README: how they
+#: were chosen on the validation split).
+TRAIN_KFAC = ("factor_update_steps=2", "inv_update_steps=4", "factor_decay=0.9")
+
+
+@dataclass(frozen=True)
+class StepTrial:
+    """Step-time measurement of ``strategies`` (in ``STEP_STRATEGIES``) on model ``model``, their steps
+    interleaved in one process per rank (a single strategy: a memory measurement)."""
+
+    model: str
+    strategies: tuple[str, ...]
+    batch_size: int
+    warmup: int
+    steps: int
+    seed: int
+    lr: float
+    kfac: KFACSettings
+
+
+@dataclass(frozen=True)
+class TrainTrial:
+    """Training of ``strategies`` (in ``TRAIN_STRATEGIES``) on task ``task`` side by side, step by step,
+    from the same initial weights and data order; accuracy on ``split`` ("test" or "val") every
+    ``eval_every`` steps and at the end of every epoch."""
+
+    task: str
+    strategies: tuple[str, ...]
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    adam_lr: float
+    kfac_lr: float
+    kfac: KFACSettings
+    eval_every: int
+    split: str
+
+
+def _device(rank: int) -> torch.device:
+    return torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Contender:
+    """One strategy on this rank: its own model (seeded), DDP wrapper with counted gradient traffic,
+    engine (dkfac, dpkfac) and optimizer: Adam with ``lr`` for "adam", SGD with momentum 0.9 and ``lr``
+    otherwise (K-FAC's KL-clip reads the same ``lr``)."""
+
+    def __init__(self, strategy: str, make_net: Callable[[], nn.Module], kfac: KFACSettings, lr: float,
+                 seed: int, device: torch.device) -> None:
+        self.strategy, self.device = strategy, device
+        torch.manual_seed(seed)
+        self.model = make_net().to(device)
+        self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.pre: KFACPreconditioner | None = None
+        if strategy in ("dkfac", "dpkfac"):
+            self.pre = KFACPreconditioner(self.model, mode=strategy, lr=lr, **asdict(kfac))
+            self.pre.register_ddp_comm_hook(self.ddp)
+            self.comm = self.pre.comm
+        else:
+            self.comm = Communicator()
+            self.ddp.register_comm_hook(self.comm, counting_all_reduce_hook)
+        params = self.model.parameters()
+        self.opt = (torch.optim.Adam(params, lr=lr) if strategy == "adam"
+                    else torch.optim.SGD(params, lr=lr, momentum=0.9))
+        self.capture = 0  # largest batch-factor accumulators seen between backward and step(), bytes
+
+    def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """One optimizer step on ``(x, y)``; its wall time and phases (seconds, see ``PHASES``)."""
+        timings = self.pre.timings if self.pre is not None else {}
+        t = dict(timings)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.ddp(x), y).backward()
+        _sync(self.device)
+        t1 = time.perf_counter()
+        hooks = dict(timings)
+        if self.pre is not None:
+            before = self.pre.state_bytes()["factors"]
+            held = self.pre.steps > 0  # running factors exist: the difference is the accumulators alone
+            self.pre.step()
+            if held:
+                self.capture = max(self.capture, before - self.pre.state_bytes()["factors"])
+        _sync(self.device)
+        t2 = time.perf_counter()
+        self.opt.step()
+        _sync(self.device)
+        t3 = time.perf_counter()
+        d = {k: timings.get(k, 0.0) - t.get(k, 0.0) for k in ("factor", "inverse", "precondition", "comm")}
+        hook_factor = hooks.get("factor", 0.0) - t.get("factor", 0.0)
+        return {
+            "step": t3 - t0,
+            "forward_backward": (t1 - t0) - hook_factor,
+            **d,
+            "optimizer": t3 - t2,
+            "other": (t2 - t1) - (d["factor"] - hook_factor) - d["inverse"] - d["precondition"] - d["comm"],
+        }
+
+
+def _rotated(items: list[Contender], k: int) -> list[Contender]:
+    """``items`` starting at position ``k``: no strategy always runs first (or right after another)."""
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
+    """Time ``trial.steps`` steps after ``trial.warmup``, strategies interleaved step by step; return this
+    rank's raw measurements per strategy."""
+    _tune_cpu_process()
+    rss_start = _rss_bytes()
+    device = _device(rank)
+    make_net, _ = STEP_MODELS[trial.model]
+    contenders = [Contender(s, make_net, trial.kfac, trial.lr, trial.seed, device) for s in trial.strategies]
+    # A fresh batch every step: a few batches repeated would be memorised, and the vanishing gradients
+    # (denormal floats) would slow every matrix product of the fastest learner by 10-100x on CPU.
+    count = trial.warmup + trial.steps
+    batches = [(x.to(device), y.to(device)) for x, y in _step_batches(trial.model, trial.batch_size, rank, trial.seed, count)]
+    per_step: dict[str, list[dict[str, float]]] = {s: [] for s in trial.strategies}
+    bytes_start: dict[str, dict[str, float]] = {}
+    for step in range(trial.warmup + trial.steps):
+        x, y = batches[step % len(batches)]
+        for c in _rotated(contenders, step):
+            if step == trial.warmup:
+                bytes_start[c.strategy] = dict(c.comm.bytes_sent)
+            per_step[c.strategy].append(c.step(x, y))
+    return {
+        "rss_start": rss_start,
+        "rss_peak": _peak_rss_bytes(),
+        "strategies": {
+            c.strategy: {
+                "per_step": per_step[c.strategy][trial.warmup:],
+                "bytes": {k: (c.comm.bytes_sent.get(k, 0.0) - bytes_start[c.strategy].get(k, 0.0)) / trial.steps
+                          for k in KINDS},
+                "state": {**(c.pre.state_bytes() if c.pre else {"factors": 0, "decompositions": 0}),
+                          "capture": c.capture},
+                "load_imbalance": c.pre.load_imbalance() if c.pre else None,
+                "owners": c.pre.owners if c.pre else None,
+            }
+            for c in contenders
+        },
+    }
+
+
+def train_worker(rank: int, world_size: int, trial: TrainTrial) -> dict[str, Any]:
+    """Train every strategy ``trial.epochs`` epochs, step by step in turn; per strategy, the curve
+    [[epochs done (steps / steps per epoch), cumulative training seconds, accuracy on trial.split], ...]."""
+    _tune_cpu_process()
+    device = _device(rank)
+    make_data, make_net = TASKS[trial.task]
+    data = make_data(trial.batch_size)
+    data.setup()
+    sampler = DistributedSampler(data.train_set, world_size, rank, shuffle=True, seed=trial.seed)
+    loader = DataLoader(data.train_set, batch_size=trial.batch_size, sampler=sampler)
+    x_eval, y_eval = (t.to(device) for t in getattr(data, f"{trial.split}_set").tensors)
+    lrs = {"sgd": trial.lr, "adam": trial.adam_lr, "dkfac": trial.kfac_lr, "dpkfac": trial.kfac_lr}
+    contenders = [Contender(s, make_net, trial.kfac, lrs[s], trial.seed, device) for s in trial.strategies]
+    train_s = dict.fromkeys(trial.strategies, 0.0)
+    curves: dict[str, list[list[float]]] = {s: [] for s in trial.strategies}
+    step = 0
+    for epoch in range(1, trial.epochs + 1):
+        sampler.set_epoch(epoch)
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device), y.to(device)
+            for c in _rotated(contenders, i):
+                train_s[c.strategy] += c.step(x, y)["step"]
+            step += 1
+            if step % trial.eval_every == 0 or i == len(loader) - 1:
+                for c in contenders:
+                    accuracy = _accuracy(c.model, x_eval, y_eval)
+                    curves[c.strategy].append([step / len(loader), train_s[c.strategy], accuracy])
+    return {"curves": curves}
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Accuracy of ``model`` on ``(x, y)`` (the same on every rank: parameters are identical), evaluated in
+    eval mode; the model is left in training mode."""
+    model.eval()
+    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(512), y.split(512)))
+    model.train()
+    return correct / len(y)
+
+
+# ---------------------------------------------------------------------------------- rank set-up
+def _tune_cpu_process() -> None:
+    """What one does for training on CPU, for every strategy alike: flush denormal floats to zero
+    (|x| < 1.2e-38, e.g. the gradients of a well-fitted batch, make matrix products and convolutions
+    4-100x slower), and keep freed memory in the process (glibc returns large blocks to the OS, and the
+    page faults of re-allocating them each step cost ~1 ms per 2.4 MB on this VM; the same effect as
+    running under tcmalloc or jemalloc)."""
+    torch.set_flush_denormal(True)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+
+
+# ---------------------------------------------------------------------------------- aggregation
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=10) if len(ordered) > 1 else [ordered[0]] * 9
+    return {"median": statistics.median(ordered), "mean": statistics.fmean(ordered), "p10": q[0], "p90": q[-1]}
+
+
+def summarize_step_trials(
+    timing: Sequence[tuple[StepTrial, list[dict[str, Any]]]],
+    memory: Sequence[tuple[StepTrial, list[dict[str, Any]]]],
+    world_size: int,
+    blocks: Sequence[tuple[StepTrial, list[dict[str, Any]]]] = (),
+) -> dict[str, Any]:
+    """The ``step_time`` section of the schema: repetitions pooled per (model, strategy); peak memory
+    from the single-strategy ``memory`` trials; K-FAC state with layers split from the ``blocks`` trials."""
+    pooled: dict[str, dict[str, dict[str, Any]]] = {}
+    for trial, ranks in timing:
+        for strategy in trial.strategies:
+            entry = pooled.setdefault(trial.model, {}).setdefault(strategy, {"steps": [], "phases": []})
+            per_rank = [r["strategies"][strategy] for r in ranks]
+            for i in range(trial.steps):
+                entry["steps"].append(statistics.fmean(r["per_step"][i]["step"] for r in per_rank))
+                entry["phases"].append({p: statistics.fmean(r["per_step"][i][p] for r in per_rank) for p in PHASES})
+            entry.update(trial=trial, last=per_rank)
+    rss = {(t.model, t.strategies[0]): ranks for t, ranks in memory}
+    split_state = {(t.model, t.strategies[0]): (t.kfac.max_factor_dim, ranks) for t, ranks in blocks}
+    out: dict[str, Any] = {}
+    for model, strategies in pooled.items():
+        make_net, _ = STEP_MODELS[model]
+        example = _step_batches(model, 2, 0, 0, count=1)[0][0]
+        kfac = next(iter(strategies.values()))["trial"].kfac
+        shapes = shapes_of(make_net(), example_input=example, max_factor_dim=kfac.max_factor_dim,
+                           world_size=world_size, inv_update_steps=kfac.inv_update_steps)
+        ddp_median = statistics.median(strategies["ddp"]["steps"]) if "ddp" in strategies else None
+        section: dict[str, Any] = {}
+        for strategy, entry in strategies.items():
+            trial, last = entry["trial"], entry["last"]
+            every = trial.kfac.factor_update_steps
+            kw = dict(factor_update_steps=every, inv_update_steps=trial.kfac.inv_update_steps, method=trial.kfac.method,
+                      batch_size=trial.batch_size)
+            end = predict_bytes(shapes, world_size, strategy, steps=trial.warmup + trial.steps, **kw)
+            begin = predict_bytes(shapes, world_size, strategy, steps=trial.warmup, **kw)
+            step = _spread(entry["steps"])
+            mem = rss.get((model, strategy))
+            section[strategy] = {
+                "step_s": step,
+                "ratio_to_ddp": step["median"] / ddp_median if ddp_median else None,
+                "phases_s": {p: statistics.fmean(ph[p] for ph in entry["phases"]) for p in PHASES},
+                "bytes_per_step": last[0]["bytes"],
+                "bytes_per_step_predicted": {k: (end[k] - begin[k]) / trial.steps for k in KINDS},
+                "state_bytes": [r["state"] for r in last],
+                "peak_rss_bytes": [r["rss_peak"] for r in mem] if mem else None,
+                "rss_growth_bytes": [r["rss_peak"] - r["rss_start"] for r in mem] if mem else None,
+                "load_imbalance": last[0]["load_imbalance"],
+                "owners": last[0]["owners"],
+            }
+        out[model] = {
+            "shapes": {"layers": len(shapes.layers), "covered_params": shapes.covered_params,
+                       "other_params": shapes.other_params},
+            "strategies": section,
+        }
+        split = {s: v for (m, s), v in split_state.items() if m == model}
+        if split:
+            block_dim = next(iter(split.values()))[0]
+            out[model]["blocks"] = {
+                "max_factor_dim": block_dim,
+                "layers": len(shapes.split(block_dim, world_size, kfac.inv_update_steps).layers),
+                "strategies": {s: {"state_bytes": [r["strategies"][s]["state"] for r in ranks],
+                                   "load_imbalance": ranks[0]["strategies"][s]["load_imbalance"]}
+                               for s, (_, ranks) in split.items()},
+            }
+    return out
+
+
+def _first_reaching(curve: list[list[float]], target: float) -> list[float] | None:
+    return next((point for point in curve if point[2] >= target), None)
+
+
+def _median_spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    """Median, min and max where ``None`` (target never reached) counts as infinite (reported as null)."""
+    finite = [math.inf if v is None else v for v in values]
+
+    def clean(v: float) -> float | None:
+        return None if math.isinf(v) else v
+
+    return {"median": clean(statistics.median(finite)), "min": clean(min(finite)), "max": clean(max(finite))}
+
+
+def summarize_train_trials(trials: Sequence[tuple[TrainTrial, list[dict[str, Any]]]],
+                           targets: dict[str, float]) -> dict[str, Any]:
+    """The ``convergence`` section of the schema."""
+    out: dict[str, Any] = {}
+    for trial, ranks in trials:
+        task = out.setdefault(trial.task, {"target": targets[trial.task], "split": trial.split,
+                                           "eval_every": trial.eval_every, "runs": {}, "summary": {}})
+        for strategy, curve in ranks[0]["curves"].items():
+            hit = _first_reaching(curve, task["target"])
+            task["runs"].setdefault(strategy, []).append({
+                "seed": trial.seed,
+                "curve": curve,
+                "time_to_target_s": hit[1] if hit else None,
+                "epochs_to_target": hit[0] if hit else None,
+                "final_acc": curve[-1][2],
+            })
+    for task in out.values():
+        for strategy, runs in task["runs"].items():
+            task["summary"][strategy] = {
+                "time_to_target_s": _median_spread([r["time_to_target_s"] for r in runs]),
+                "epochs_to_target": _median_spread([r["epochs_to_target"] for r in runs]),
+                "final_acc": _median_spread([r["final_acc"] for r in runs]),
+                "reached": f"{sum(r['time_to_target_s'] is not None for r in runs)}/{len(runs)}",
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------------- the CLI
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m lightning_dpkfac.tools.bench``."""
+    p = argparse.ArgumentParser(prog="python -m lightning_dpkfac.tools.bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench_results"), help="output directory")
+    p.add_argument("--world-size", type=int, default=2, help="ranks per trial (one GPU each on CUDA)")
+    p.add_argument("--models", nargs="*", default=list(STEP_MODELS), choices=list(STEP_MODELS),
+                   help="step time: the models timed")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per rank and step")
+    p.add_argument("--warmup", type=int, default=5, help="step time: untimed steps before the timed ones")
+    p.add_argument("--steps", type=int, default=40, help="step time: timed steps per repetition")
+    p.add_argument("--reps", type=int, default=3, help="step time: repetitions of the ABC strategy cycle")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS), help="convergence: the tasks")
+    p.add_argument("--seeds", nargs="*", type=int, default=list(range(10)),
+                   help="convergence: one run per seed (its weights and data order); 97%% on 360 test digits sits on "
+                        "every method's plateau, so a median needs many")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="convergence: epochs per task; None: " + ", ".join(f"{t} {e}" for t, e in EPOCHS.items()))
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (DDP-SGD; step time: all)")
+    p.add_argument("--adam-lr", type=float, default=1e-2, help="DDP-Adam learning rate (convergence)")
+    p.add_argument("--kfac-lr", type=float, default=0.1, help="dkfac and dpkfac learning rate (convergence)")
+    p.add_argument("--damping", type=float, default=0.1,
+                   help="K-FAC damping; the inverse method adds it to each factor, so where both factors are small "
+                        "the Kronecker product gets damping^2 (use ~1e-2 with --step-method eigen)")
+    p.add_argument("--factor-update-steps", type=int, default=1, help="K-FAC: build factors every this many steps")
+    p.add_argument("--inv-update-steps", type=int, default=10,
+                   help="K-FAC: decompose the factors every this many steps")
+    p.add_argument("--max-factor-dim", type=max_factor_dim_arg, default=None,
+                   help="KFACConfig.max_factor_dim of every K-FAC trial: an integer >= 2 or 'auto'; None: whole "
+                        "layers")
+    p.add_argument("--block-dim", type=block_dim_arg, default="auto",
+                   help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM ('auto': split "
+                        "only the layers above the ranks' fair share; 0: not; skipped under --max-factor-dim)")
+    p.add_argument("--step-method", choices=["eigen", "inverse"], default="inverse",
+                   help="K-FAC decomposition (inverse: ~1.4x faster steps on the MLP; at damping 0.1 it reached the "
+                        "targets in fewer epochs than eigen at 1e-2)")
+    p.add_argument("--train-kfac", nargs="*", metavar="KEY=VALUE", default=list(TRAIN_KFAC),
+                   help="K-FAC settings of the convergence trials where they differ from the step-time trials' "
+                        "(KFACSettings fields; the defaults were chosen on the validation split: README)")
+    p.add_argument("--eval-every", type=int, default=5, help="convergence: evaluate every this many steps (and at "
+                   "the end of every epoch)")
+    p.add_argument("--eval-split", choices=["test", "val"], default="test",
+                   help="convergence: the split whose accuracy is reported (val: for choosing hyper-parameters)")
+    p.add_argument("--quick", action="store_true", help="a smoke run for CI: fewer steps, epochs and seeds")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, checked as the engine would check it, before any trial starts."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
+        p.error(f"--world-size={args.world_size} needs one GPU per rank; found {torch.cuda.device_count()}.")
+    if args.eval_every < 1:
+        p.error(f"--eval-every={args.eval_every} is invalid: it must be >= 1.")
+    try:
+        args.train_kfac = parse_overrides(args.train_kfac)
+    except ValueError as error:
+        p.error(str(error))
+    # The engine's own checks, before any trial starts.
+    for what, settings in (("the K-FAC flags", step_settings), ("--train-kfac on the K-FAC flags", train_settings)):
+        try:
+            KFACConfig(**asdict(settings(args)))
+        except ValueError as error:
+            p.error(f"{what}: {error}")
+    if args.quick:
+        args.warmup, args.steps, args.reps, args.seeds = 2, 10, 1, args.seeds[:1]
+        args.epochs = args.epochs or 3
+    return args
+
+
+EPOCHS = {"digits": 20, "mnist1d": 30}
+TARGETS = {"digits": 0.97, "mnist1d": 0.90}
+
+
+def block_dim_arg(text: str) -> int | str:
+    """``--block-dim``: 0 (no block trials), or a ``--max-factor-dim`` value."""
+    return 0 if text == "0" else max_factor_dim_arg(text)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["factor_update_steps=2", ...]`` (``--train-kfac``) as ``{"factor_update_steps": 2, ...}``: keys are
+    :class:`KFACSettings` fields, values ints, floats, ``None`` or strings. Raises ``ValueError`` naming
+    an unknown key or an item without ``=``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--train-kfac: '{item}' is not KEY=VALUE")
+        if key not in KFAC_FIELDS:
+            raise ValueError("--train-kfac: " + unknown_key_message(key, KFAC_FIELDS, "KFACSettings"))
+        value: Any = text
+        for convert in (int, float):
+            try:
+                value = convert(text)
+                break
+            except ValueError:
+                continue
+        out[key] = None if text == "None" else value
+    return out
+
+
+def step_settings(args: argparse.Namespace) -> KFACSettings:
+    """The K-FAC settings of the step-time trials, from the command line."""
+    return KFACSettings(damping=args.damping, factor_update_steps=args.factor_update_steps,
+                        inv_update_steps=args.inv_update_steps, method=args.step_method,
+                        max_factor_dim=args.max_factor_dim)
+
+
+def train_settings(args: argparse.Namespace) -> KFACSettings:
+    """The K-FAC settings of the convergence trials: the step-time ones with ``--train-kfac`` applied."""
+    return KFACSettings(**{**asdict(step_settings(args)), **args.train_kfac})
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every trial and write the outputs; return the results."""
+    kfac, kfac_train = step_settings(args), train_settings(args)
+    # Unless every trial splits already (--max-factor-dim), K-FAC state is also measured with blocks.
+    splits = args.block_dim and args.max_factor_dim is None
+    kfac_blocks = KFACSettings(**{**asdict(kfac), "max_factor_dim": args.block_dim}) if splits else None
+    load_start = os.getloadavg()
+
+    def trials(items: list[Any], worker: Callable[..., Any], what: Callable[[Any], str]) -> list[tuple[Any, Any]]:
+        done = []
+        for i, trial in enumerate(items):
+            log(f"[{i + 1}/{len(items)}] {what(trial)}")
+            done.append((trial, run_ranks(worker, args.world_size, trial, timeout=600.0)))
+        return done
+
+    timing = trials([StepTrial(m, STEP_STRATEGIES, args.batch_size, args.warmup, args.steps, rep, args.lr, kfac)
+                     for m in args.models for rep in range(args.reps)],
+                    step_worker, lambda t: f"step time: {t.model}, repetition {t.seed}")
+    # Peak memory needs a process per strategy; one inversion and two factor updates are enough.
+    memory = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac)
+                     for m in args.models for s in STEP_STRATEGIES],
+                    step_worker, lambda t: f"peak memory: {t.model}, {t.strategies[0]}")
+    # K-FAC state with layers split by max_factor_dim=--block-dim: how far blocks balance memory.
+    blocks = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac_blocks)
+                     for m in args.models for s in ("dkfac", "dpkfac")] if kfac_blocks is not None else [],
+                    step_worker, lambda t: f"K-FAC state with max_factor_dim={t.kfac.max_factor_dim}: "
+                                           f"{t.model}, {t.strategies[0]}")
+    training = trials([TrainTrial(t, TRAIN_STRATEGIES, seed, args.epochs or EPOCHS[t], args.batch_size, args.lr,
+                                  args.adam_lr, args.kfac_lr, kfac_train, args.eval_every, args.eval_split)
+                       for t in args.tasks for seed in args.seeds],
+                      train_worker, lambda t: f"convergence: {t.task}, seed {t.seed}")
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "backend": "nccl" if torch.cuda.is_available() else "gloo",
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "world_size": args.world_size,
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+        },
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "step_time": summarize_step_trials(timing, memory, args.world_size, blocks),
+        "convergence": summarize_train_trials(training, TARGETS),
+    }
+    results["paper_ratios"] = {name: r for name, model in results["step_time"].items()
+                               if (r := paper_ratios(model)) is not None}
+    results["goals"] = evaluate_goals(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, args.out / "results.md")
+    write_plots(results, args.out)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    results = run(args)
+    print((args.out / "results.md").read_text())
+    print(f"wrote {args.out}/results.json, results.md and plots in {time.perf_counter() - start:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
