@@ -53,10 +53,10 @@ class KFACConfig:
             ``lightning_dpkfac.distributed.rows``). (default: True)
         max_factor_dim: split a layer whose A or G is larger than this into a grid of blocks with factors of
             at most this size, each preconditioned with the diagonal blocks of the layer's factors and owned
-            on its own (``layers.Block``): block-diagonal K-FAC, an approximation that lets the ranks share
+            on its own (:mod:`lightning_dpkfac.core.blocks`): block-diagonal K-FAC, an approximation that lets the ranks share
             one wide layer's memory and decomposition work; ``None`` never splits; >= 2. ``"auto"`` splits
             only the layers too costly for any owner map to balance over the ranks (cost above the total
-            over the world size, ``assignment.block_limits``), each into as few blocks as it takes: whole
+            over the world size), each into as few blocks as it takes: whole
             layers on one rank, and a split that depends on the world size (a checkpoint resumes where
             each new block lies inside a saved layer or block). (default: None)
         max_consecutive_faults: a layer whose factors, decomposition or preconditioned gradient is

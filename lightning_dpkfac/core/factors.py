@@ -23,6 +23,12 @@ import torch
 from torch import Tensor
 
 
+def keeps_as_rows(rows: int, columns: int) -> bool:
+    """Whether ``rows`` captured rows of a factor of size ``columns`` are kept as rows (fewer numbers than
+    the formed matrix) rather than formed."""
+    return rows < columns
+
+
 @dataclass
 class DeferredFactor:
     """A (d x d) factor that ``build()`` forms from ``source`` (a layer input) when it is needed.
@@ -84,7 +90,7 @@ class BatchFactor:
             self.dense = capture if self.dense is None else self.dense.add_(capture)
             return
         self.rows.append((capture, weight))
-        if not keep_rows or sum(r.shape[0] for r, _ in self.rows) >= capture.shape[1]:
+        if not keep_rows or not keeps_as_rows(sum(r.shape[0] for r, _ in self.rows), capture.shape[1]):
             self.dense = self.formed()
             self.rows = []
 

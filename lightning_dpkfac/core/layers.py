@@ -15,19 +15,13 @@ any batch size). For a layer with weight ``W`` (d_g x ...) and optional bias, ``
   first: a Linear on a (B, T, d_in) input treats its T positions like a convolution's locations. ``B`` is
   always ``input.shape[0]``.
 
-Blocks (``max_factor_dim``): a layer whose A or G is larger than ``max_factor_dim`` is split into a grid of
-:class:`Block` s of ``[W | b]``, rows ``r0:r1`` (outputs) by columns ``c0:c1`` (inputs, the bias column
-last). Each block is a K-FAC "layer" of its own, with factors ``G_rr`` and ``A_cc`` (the diagonal blocks
-of the layer's G and A) and its own owner: block-diagonal factors, the approximation Distributed Shampoo
-makes for large dimensions, which lets owners share one wide layer's memory and decomposition work.
-``max_factor_dim="auto"`` splits only the layers that cost more than their fair share of the ranks' work
-(``assignment.block_limits``).
+Blocks (:mod:`lightning_dpkfac.core.blocks`): each block of a layer cut by ``max_factor_dim`` is a K-FAC
+"layer" of its own (:meth:`KFACLayer.split`), with factors ``G_rr`` and ``A_cc`` and its own owner.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,46 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpkfac.distributed.assignment import LayerShape, block_limits
+from lightning_dpkfac.core.blocks import Block, block_name, cut_layers
+from lightning_dpkfac.distributed.assignment import LayerShape
 
 
 class UnsupportedLayerError(ValueError):
     """A layer that K-FAC cannot precondition exactly; the message names the layer and the fix."""
-
-
-def split_range(size: int, max_size: int | None) -> list[tuple[int, int]]:
-    """``[0, size)`` cut into the fewest consecutive parts of at most ``max_size`` (all: ``None``), their
-    sizes differing by at most one (the larger ones first)."""
-    parts = 1 if max_size is None else max(1, math.ceil(size / max_size))
-    small, extra = divmod(size, parts)
-    bounds, start = [], 0
-    for k in range(parts):
-        end = start + small + int(k < extra)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-@dataclass(frozen=True)
-class Block:
-    """Rows ``r0:r1`` (outputs, G) by columns ``c0:c1`` (inputs, A; the bias is the last column) of a
-    layer's (d_g x d_a) gradient matrix ``[W | b]``."""
-
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-
-
-def block_name(name: str, block: Block) -> str:
-    """How a block of layer ``name`` is named: ``"name[r0:r1,c0:c1]"``."""
-    return f"{name}[{block.r0}:{block.r1},{block.c0}:{block.c1}]"
-
-
-def block_grid(d_g: int, d_a: int, max_rows: int | None, max_cols: int | None) -> list[Block]:
-    """The blocks of a (d_g x d_a) layer with G at most ``max_rows`` and A at most ``max_cols`` (row-major
-    order); one block, the whole layer, when both factors fit (``None``: that side stays whole)."""
-    return [Block(r0, r1, c0, c1) for r0, r1 in split_range(d_g, max_rows) for c0, c1 in split_range(d_a, max_cols)]
 
 
 class KFACLayer(ABC):
@@ -91,10 +51,8 @@ class KFACLayer(ABC):
         d_g, d_a = self.module_dims
         self.block = Block(0, d_g, 0, d_a)
 
-    def split(self, max_rows: int | None, max_cols: int | None) -> list[KFACLayer]:
-        """This layer as the blocks of :func:`block_grid` (itself when it is one block), named by
-        :func:`block_name`."""
-        blocks = block_grid(self.d_g, self.d_a, max_rows, max_cols)
+    def split(self, blocks: list[Block]) -> list[KFACLayer]:
+        """This layer as ``blocks`` (itself when it is one block), named by :func:`block_name`."""
         if len(blocks) == 1:
             return [self]
         if not self.weight.is_contiguous():
@@ -322,8 +280,7 @@ class ConvLayer(KFACLayer):
 
         Gathered from a strided view of the padded input (``Tensor.unfold``), so the only pass at the size
         of the patches is the copy into this layout (padding copies the input first, kh*kw times smaller);
-        ``F.unfold`` would materialise (B, C*kh*kw, L) and need a second copy (conv 16 -> 32, 8 x 8,
-        batch 64: 0.66 ms instead of 1.10 ms per factor).
+        ``F.unfold`` would materialise (B, C*kh*kw, L) and need a second copy (docs/benchmarks.md).
         """
         if self._is_1d:
             x = x.unsqueeze(2)
@@ -385,7 +342,7 @@ def make_layer(name: str, module: nn.Module) -> KFACLayer:
 def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str | None = None,
                     world_size: int = 1, inv_update_steps: int = 10) -> tuple[list[KFACLayer], dict[str, str]]:
     """The covered layers of ``model`` in registration order, each split into blocks as ``max_factor_dim``
-    (``KFACConfig``) says for ``world_size`` ranks (``assignment.block_limits``), and the skipped ones with
+    (``KFACConfig``) says for ``world_size`` ranks (:func:`~lightning_dpkfac.core.blocks.cut_layers`), and the skipped ones with
     the reason.
 
     ``skip`` holds module names or class names; a name that matches nothing is an error (a typo would
@@ -414,8 +371,8 @@ def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str
         names = [n for n, _ in model.named_modules()][1:6]
         raise ValueError(f"skip_layers names {unknown}, which match no module name or class name in the model. "
                          f"Module names look like {names}.")
-    limits = block_limits([LayerShape(l.d_a, l.d_g) for l in layers], max_factor_dim, world_size, inv_update_steps)
-    return [part for layer, limit in zip(layers, limits) for part in layer.split(*limit)], skipped
+    grids = cut_layers([LayerShape(l.d_a, l.d_g) for l in layers], max_factor_dim, world_size, inv_update_steps)
+    return [part for layer, blocks in zip(layers, grids) for part in layer.split(blocks)], skipped
 
 
 def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dict[str, str]) -> dict[str, str]:

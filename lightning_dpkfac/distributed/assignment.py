@@ -1,5 +1,4 @@
-"""Who owns which layer: a cost model, the blocks ``max_factor_dim`` cuts layers into, and a deterministic
-greedy owner map.
+"""Who owns which layer: a cost model and a deterministic greedy owner map.
 
 Every rank computes the same map from the same layer shapes, with no communication::
 
@@ -10,15 +9,8 @@ Every rank computes the same map from the same layer shapes, with no communicati
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from lightning_dpkfac.core.config import check_max_factor_dim
-
-#: ``max_factor_dim="auto"`` never cuts a factor into parts smaller than this: below it a block's
-#: decomposition costs less than the per-block overhead, so cutting buys no balance.
-MIN_AUTO_PART = 64
 
 
 @dataclass(frozen=True)
@@ -44,39 +36,6 @@ def layer_cost(shape: LayerShape, inv_update_steps: int = 1) -> float:
     decomposition = (d_a**3 + d_g**3) / inv_update_steps
     precondition = d_g * d_a * (d_a + d_g)
     return decomposition + precondition + d_a**2 + d_g**2
-
-
-def block_limits(shapes: Sequence[LayerShape], max_factor_dim: int | str | None, world_size: int = 1,
-                 inv_update_steps: int = 10) -> list[tuple[int | None, int | None]]:
-    """Per layer, the largest block ``(rows, columns)`` (``d_g``, ``d_a``) ``KFACConfig.max_factor_dim``
-    cuts it into; ``None`` leaves that side whole.
-
-    An integer bounds both sides of every layer. ``"auto"`` cuts only the layers whose :func:`layer_cost`
-    exceeds the fair share, the total over ``world_size`` ranks, since no owner map can balance those: it
-    cuts the larger side of such a layer into one more part at a time (parts of at least
-    :data:`MIN_AUTO_PART`) until its largest block's cost is within the fair share.
-    """
-    check_max_factor_dim(max_factor_dim)
-    if max_factor_dim is None or isinstance(max_factor_dim, int):
-        return [(max_factor_dim, max_factor_dim)] * len(shapes)
-    fair = sum(layer_cost(s, inv_update_steps) for s in shapes) / world_size
-    return [_fair_share_block(s, fair, inv_update_steps) for s in shapes]
-
-
-def _fair_share_block(shape: LayerShape, fair: float, inv_update_steps: int) -> tuple[int, int]:
-    parts_g = parts_a = 1
-    rows, cols = shape.d_g, shape.d_a
-    while layer_cost(LayerShape(cols, rows), inv_update_steps) > fair:
-        cut_a = math.ceil(shape.d_a / (parts_a + 1)) >= MIN_AUTO_PART
-        cut_g = math.ceil(shape.d_g / (parts_g + 1)) >= MIN_AUTO_PART
-        if cut_a and (cols >= rows or not cut_g):
-            parts_a += 1
-        elif cut_g:
-            parts_g += 1
-        else:
-            break
-        rows, cols = math.ceil(shape.d_g / parts_g), math.ceil(shape.d_a / parts_a)
-    return rows, cols
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:

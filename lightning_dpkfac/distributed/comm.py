@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -24,6 +25,26 @@ import torch.distributed as dist
 from torch import Tensor
 
 KINDS = ("gradients", "factors", "inverses", "preconditioned")
+
+
+@dataclass(frozen=True)
+class Message:
+    """A declared collective: ``elements`` numbers of ``dtype`` ("param": the parameters' dtype, "factor": the
+    factors' dtype, "float64") sent as a ``collective`` ("all_reduce", "reduce", "broadcast", "gather") and
+    counted as ``kind`` (:data:`KINDS`). The engine's parts declare their traffic this way; the planner
+    (``lightning_dpkfac.tools.plan``) sums the declarations over layer shapes."""
+
+    kind: str
+    collective: str
+    elements: int
+    dtype: str = "param"
+
+
+def per_rank_bytes(collective: str, nbytes: float, world_size: int) -> float:
+    """Bytes one rank moves in one ``collective`` ("all_reduce", "reduce", "broadcast" or "gather": ``nbytes``
+    from each rank) of ``nbytes`` on ``world_size`` ranks, by the convention above."""
+    f = (world_size - 1) / world_size
+    return {"all_reduce": 2 * f, "broadcast": f, "reduce": f, "gather": f}[collective] * nbytes
 
 
 class Communicator:
@@ -38,14 +59,10 @@ class Communicator:
         self.bytes_sent: dict[str, float] = defaultdict(float)
 
     def count(self, kind: str, collective: str, nbytes: int) -> None:
-        """Add the per-rank traffic of one ``collective`` ("all_reduce", "reduce", "broadcast" or "gather":
-        ``nbytes`` from each rank) of ``nbytes``."""
+        """Add the per-rank traffic of one ``collective`` of ``nbytes`` (:func:`per_rank_bytes`)."""
         if kind not in KINDS:
             raise KeyError(f"unknown traffic kind {kind!r}; expected one of {KINDS}")
-        p = self.world_size
-        factor = {"all_reduce": 2 * (p - 1) / p, "broadcast": (p - 1) / p, "reduce": (p - 1) / p,
-                  "gather": (p - 1) / p}[collective]
-        self.bytes_sent[kind] += factor * nbytes
+        self.bytes_sent[kind] += per_rank_bytes(collective, nbytes, self.world_size)
 
     def global_rank(self, group_rank: int) -> int:
         """The global rank of rank ``group_rank`` of this communicator's group."""
@@ -60,6 +77,14 @@ class Communicator:
     def all_reduce_max(self, tensors: Sequence[Tensor], kind: str) -> None:
         """Elementwise maximum of each tensor over all ranks, in place."""
         self._all_reduce(tensors, kind, dist.ReduceOp.MAX)
+
+    def start_all_reduce_sum(self, tensors: list[Tensor], kind: str) -> torch.futures.Future:
+        """Start summing ``tensors`` (one dtype and device) over all ranks, in place, as one packed message;
+        the future completes once they hold the sums."""
+        flat = _pack(tensors)
+        self.count(kind, "all_reduce", flat.numel() * flat.element_size())
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        return work.get_future().then(partial(_unpack_result, flat=flat, tensors=tensors))
 
     def _all_reduce(self, tensors: Sequence[Tensor], kind: str, op: dist.ReduceOp) -> None:
         if self.world_size == 1 or not tensors:
@@ -110,8 +135,8 @@ class Communicator:
 
         One all-to-all with uneven splits (a reduce-scatter: each rank sends each owner its part, the owner
         adds the P parts in rank order) when the owners' receive buffers (P times their parts) stay within
-        twice the parts' total: over gloo it takes a fraction of the time of one ``reduce`` per owner (on 2
-        CPU ranks, 160 KB: 0.2 ms against 1.0 ms per reduce). Else one ``reduce`` per owner, which needs no
+        twice the parts' total: over gloo it takes a fraction of the time of one ``reduce`` per owner
+        (docs/communication.md). Else one ``reduce`` per owner, which needs no
         such buffer.
         """
         sizes = [sum(t.numel() for t in parts.get(o, [])) for o in range(self.world_size)]
@@ -204,57 +229,6 @@ class PendingBroadcast:
             if self._receiving:
                 _unpack(flat, bucket)
         self._pending = []
-
-
-def counting_all_reduce_hook(comm, bucket):  # type: ignore[no-untyped-def]
-    """DDP's default all-reduce (average) of one gradient bucket (a ``dist.GradBucket``), counted as
-    "gradients" traffic.
-
-    No annotations on purpose: DDP compares a hook's annotations with the real ``dist.GradBucket`` and
-    ``Future`` classes, and ``from __future__ import annotations`` turns them into strings it rejects.
-    """
-    buffer = bucket.buffer()
-    comm.count("gradients", "all_reduce", buffer.numel() * buffer.element_size())
-    buffer.div_(comm.world_size)
-    future = dist.all_reduce(buffer, group=comm.group, async_op=True).get_future()
-    return future.then(lambda fut: fut.value()[0])
-
-
-def owner_reduce_hook(pre, bucket):  # type: ignore[no-untyped-def]
-    """DDP comm hook for dpkfac: average each K-FAC layer's (block's) gradients onto its owner only (a
-    reduce, ~half the traffic of an all-reduce), and all-reduce the other gradients; the gradients of layers whose
-    owner gathers their rows instead (:mod:`lightning_dpkfac.distributed.rows`) stay where they are. ``pre`` is the
-    ``KFACPreconditioner``, whose :meth:`step` later broadcasts every layer's result. (No annotations:
-    see :func:`counting_all_reduce_hook`.)"""
-    comm: Communicator = pre.comm
-    buffer = bucket.buffer()
-    pre.on_gradient_bucket(is_last=bucket.is_last())
-    if comm.world_size == 1:
-        return _completed(buffer)
-    by_owner: dict[int | None, list[Tensor]] = defaultdict(list)
-    for param, grad in zip(bucket.parameters(), bucket.gradients()):
-        pre.check_row_gradient(param, grad)  # before the division below: grads are views of the buffer
-        for owner, piece in pre.gradient_pieces(param, grad):  # a layer split into blocks: several owners
-            by_owner[owner].append(piece)
-    buffer.div_(comm.world_size)  # all of it, the gradients left local too (see KFACPreconditioner._average_local_gradients)
-    futures = []
-    uncovered = by_owner.pop(None, None)
-    if uncovered is not None:
-        flat = _pack(uncovered)
-        comm.count("gradients", "all_reduce", flat.numel() * flat.element_size())
-        work = dist.all_reduce(flat, group=comm.group, async_op=True)
-        futures.append(work.get_future().then(partial(_unpack_result, flat=flat, tensors=uncovered)))
-    if by_owner:
-        futures.append(comm.start_reduce_to_owners(by_owner, "gradients"))
-    if not futures:  # every gradient of the bucket belongs to a layer whose rows are gathered
-        return _completed(buffer)
-    return torch.futures.collect_all(futures).then(lambda _: buffer)
-
-
-def _completed(value: Tensor) -> torch.futures.Future:
-    done: torch.futures.Future = torch.futures.Future()
-    done.set_result(value)
-    return done
 
 
 def _unpack_result(_: torch.futures.Future, flat: Tensor, tensors: list[Tensor]) -> None:

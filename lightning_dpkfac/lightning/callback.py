@@ -17,14 +17,13 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
+from lightning_dpkfac.core.timing import PHASES
 from lightning_dpkfac.distributed.comm import KINDS
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
     from lightning_dpkfac.core.preconditioner import KFACPreconditioner
-
-PHASES = ("factor", "inverse", "precondition", "comm")
 
 #: The checkpoint's top-level key for the K-FAC state. Not a callback state: Lightning would then ask a
 #: run resumed with another strategy to "add the following callbacks: ['KFACCallback']", which nobody can act
@@ -127,8 +126,8 @@ class KFACCallbackMixin:
             metrics[f"kfac/time_{phase}"] = times.get(phase, 0.0) - self._last_times.get(phase, 0.0)
         for kind in KINDS:
             metrics[f"kfac/bytes_{kind}"] = sent.get(kind, 0.0) - self._last_bytes.get(kind, 0.0)
-        metrics["kfac/faults"] = float(pre.last_step_faults)
-        metrics["kfac/skipped"] = float(pre.last_step_skipped)
+        metrics["kfac/faults"] = float(pre.faults.last_step_faults)
+        metrics["kfac/skipped"] = float(pre.faults.last_step_skipped)
         metrics["kfac/damping"] = float(pre.config.value("damping", step))
         if lr is not None or pre.config.lr is not None:
             metrics["kfac/kl_lr"] = float(lr if lr is not None else pre.config.value("lr", step))

@@ -142,15 +142,19 @@ class KFACStrategyMixin:
     def _register_ddp_hooks(self) -> None:
         """Build the engine on the wrapped module (now on its device) and let it own DDP's gradient
         communication: in dpkfac, K-FAC gradients are reduced to their owners only. A user's
-        ``ddp_comm_hook`` wins (then gradient bytes are not counted)."""
+        ``ddp_comm_hook`` wins (then gradient bytes are not counted), on every device: Lightning's DDP
+        registers one on CUDA only, though DDP's comm hooks work on gloo too."""
         strategy: Any = self  # a DDPStrategy: model, lightning_module, precision_plugin, ...
         assert isinstance(strategy.model, DistributedDataParallel)
         self.preconditioner = KFACPreconditioner(strategy.lightning_module, self.kfac_config)
         scaler = getattr(strategy.precision_plugin, "scaler", None)  # "16-mixed" on CUDA: a GradScaler
         if scaler is not None:
             self.preconditioner.set_loss_scale(scaler.get_scale)
-        if strategy._ddp_comm_hook is not None or strategy._ddp_comm_wrapper is not None:
-            super()._register_ddp_hooks()
+        if strategy._ddp_comm_hook is not None:
+            hook = strategy._ddp_comm_hook
+            if strategy._ddp_comm_wrapper is not None:
+                hook = strategy._ddp_comm_wrapper(hook)
+            strategy.model.register_comm_hook(state=strategy._ddp_comm_state, hook=hook)
         else:
             self.preconditioner.register_ddp_comm_hook(strategy.model)
 
@@ -211,7 +215,7 @@ def exit_process(code: int = 0) -> NoReturn:
 
     Multi-process gloo runs (Lightning's own ``strategy="ddp"`` too) sometimes abort while the interpreter
     shuts down, after all work is done ("terminate called without an active exception", exit code 134;
-    about 1 run in 10-20 on a 2-core machine). Scripts whose exit code matters (CI, schedulers) call this
+    docs/lightning.md). Scripts whose exit code matters (CI, schedulers) call this
     as their last statement on success.
     """
     _destroy_process_group()

@@ -1,7 +1,7 @@
 """Benchmark: DDP-SGD, D-KFAC (``dkfac``) and DP-KFAC (``dpkfac``) side by side, in one invocation.
 
-    python -m lightning_dpkfac.tools.bench                 # full run, into bench_results/
-    python -m lightning_dpkfac.tools.bench --quick         # CI smoke run, < 2 minutes on 2 CPU cores
+    python -m lightning_dpkfac.bench                 # full run, into bench_results/
+    python -m lightning_dpkfac.bench --quick         # a smoke run for CI
 
 Every trial runs on ``--world-size`` fresh ranks (forked gloo processes on CPU, one thread each; spawned
 NCCL processes, one GPU each, on CUDA), with the engine driven directly through ``torch.distributed``
@@ -83,8 +83,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_dpkfac.tools import models
-from lightning_dpkfac.tools.bench_report import evaluate_goals, paper_ratios, write_markdown, write_plots
-from lightning_dpkfac.distributed.comm import KINDS, Communicator, counting_all_reduce_hook
+from lightning_dpkfac.tools.bench_report import PHASES, evaluate_goals, paper_ratios, write_markdown, write_plots
+from lightning_dpkfac.distributed.comm import KINDS, Communicator
+from lightning_dpkfac.distributed.router import counting_all_reduce_hook
 from lightning_dpkfac.core.config import KFACConfig, unknown_key_message
 from lightning_dpkfac.tools.data import DigitsDataModule, MNIST1DDataModule
 from lightning_dpkfac.tools.plan import max_factor_dim_arg, predict_bytes, shapes_of
@@ -94,7 +95,6 @@ from lightning_dpkfac.tools.ranks import run_ranks
 SCHEMA = "lightning_dpkfac.tools.bench/1"
 STEP_STRATEGIES = ("ddp", "dkfac", "dpkfac")
 TRAIN_STRATEGIES = ("sgd", "adam", "dkfac", "dpkfac")
-PHASES = ("forward_backward", "factor", "inverse", "precondition", "comm", "optimizer", "other")
 
 
 # ---------------------------------------------------------------------------------- models and data
@@ -151,8 +151,8 @@ class KFACSettings:
 
 
 KFAC_FIELDS = tuple(f.name for f in fields(KFACSettings))
-#: The convergence trials' K-FAC settings where they differ from KFACSettings' defaults (README: how they
-#: were chosen on the validation split).
+#: The convergence trials' K-FAC settings where they differ from KFACSettings' defaults (how they were
+#: chosen on the validation split: docs/benchmark_tuning.md).
 TRAIN_KFAC = ("factor_update_steps=2", "inv_update_steps=4", "factor_decay=0.9")
 
 
@@ -225,15 +225,17 @@ class Contender:
 
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """One optimizer step on ``(x, y)``; its wall time and phases (seconds, see ``PHASES``)."""
-        timings = self.pre.timings if self.pre is not None else {}
-        t = dict(timings)
+        def timings() -> dict[str, float]:
+            return self.pre.timings if self.pre is not None else {}
+
+        t = timings()
         _sync(self.device)
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         F.cross_entropy(self.ddp(x), y).backward()
         _sync(self.device)
         t1 = time.perf_counter()
-        hooks = dict(timings)
+        hooks = timings()
         if self.pre is not None:
             before = self.pre.state_bytes()["factors"]
             held = self.pre.steps > 0  # running factors exist: the difference is the accumulators alone
@@ -245,7 +247,8 @@ class Contender:
         self.opt.step()
         _sync(self.device)
         t3 = time.perf_counter()
-        d = {k: timings.get(k, 0.0) - t.get(k, 0.0) for k in ("factor", "inverse", "precondition", "comm")}
+        after = timings()
+        d = {k: after.get(k, 0.0) - t.get(k, 0.0) for k in ("factor", "inverse", "precondition", "comm")}
         hook_factor = hooks.get("factor", 0.0) - t.get("factor", 0.0)
         return {
             "step": t3 - t0,
@@ -280,7 +283,7 @@ def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
     make_net, _ = STEP_MODELS[trial.model]
     contenders = [Contender(s, make_net, trial.kfac, trial.lr, trial.seed, device) for s in trial.strategies]
     # A fresh batch every step: a few batches repeated would be memorised, and the vanishing gradients
-    # (denormal floats) would slow every matrix product of the fastest learner by 10-100x on CPU.
+    # (denormal floats) would slow every matrix product of the fastest learner many times over on CPU (docs/benchmarks.md).
     count = trial.warmup + trial.steps
     batches = [(x.to(device), y.to(device)) for x, y in _step_batches(trial.model, trial.batch_size, rank, trial.seed, count)]
     per_step: dict[str, list[dict[str, float]]] = {s: [] for s in trial.strategies}
@@ -353,9 +356,9 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def _tune_cpu_process() -> None:
     """What one does for training on CPU, for every strategy alike: flush denormal floats to zero
     (|x| < 1.2e-38, e.g. the gradients of a well-fitted batch, make matrix products and convolutions
-    4-100x slower), and keep freed memory in the process (glibc returns large blocks to the OS, and the
-    page faults of re-allocating them each step cost ~1 ms per 2.4 MB on this VM; the same effect as
-    running under tcmalloc or jemalloc)."""
+    many times slower), and keep freed memory in the process (glibc returns large blocks to the OS, whose
+    page faults on re-allocation would cost every step: the same effect as running under tcmalloc or
+    jemalloc). docs/benchmarks.md has the measurements."""
     torch.set_flush_denormal(True)
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -482,8 +485,8 @@ def summarize_train_trials(trials: Sequence[tuple[TrainTrial, list[dict[str, Any
 
 # ---------------------------------------------------------------------------------- the CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m lightning_dpkfac.tools.bench``."""
-    p = argparse.ArgumentParser(prog="python -m lightning_dpkfac.tools.bench", description=__doc__.split("\n")[0],
+    """The command line of ``python -m lightning_dpkfac.bench``."""
+    p = argparse.ArgumentParser(prog="python -m lightning_dpkfac.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output directory")
     p.add_argument("--world-size", type=int, default=2, help="ranks per trial (one GPU each on CUDA)")
@@ -515,11 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM ('auto': split "
                         "only the layers above the ranks' fair share; 0: not; skipped under --max-factor-dim)")
     p.add_argument("--step-method", choices=["eigen", "inverse"], default="inverse",
-                   help="K-FAC decomposition (inverse: ~1.4x faster steps on the MLP; at damping 0.1 it reached the "
-                        "targets in fewer epochs than eigen at 1e-2)")
+                   help="K-FAC decomposition of the step-time trials (why inverse: docs/benchmarks.md)")
     p.add_argument("--train-kfac", nargs="*", metavar="KEY=VALUE", default=list(TRAIN_KFAC),
                    help="K-FAC settings of the convergence trials where they differ from the step-time trials' "
-                        "(KFACSettings fields; the defaults were chosen on the validation split: README)")
+                        "(KFACSettings fields; the defaults were chosen on the validation split: docs/benchmark_tuning.md)")
     p.add_argument("--eval-every", type=int, default=5, help="convergence: evaluate every this many steps (and at "
                    "the end of every epoch)")
     p.add_argument("--eval-split", choices=["test", "val"], default="test",

@@ -9,9 +9,9 @@ from typing import Any
 
 from lightning_dpkfac.distributed.comm import KINDS
 from lightning_dpkfac.tools.extras import needs_extra
+from lightning_dpkfac.tools.plan import STATE_KINDS
 
 PHASES = ("forward_backward", "factor", "inverse", "precondition", "comm", "optimizer", "other")
-STATE_KINDS = ("factors", "decompositions", "capture")
 COLORS = {"ddp": "tab:gray", "sgd": "tab:gray", "adam": "tab:green", "dkfac": "tab:orange", "dpkfac": "tab:blue"}
 
 
@@ -50,7 +50,7 @@ def paper_ratios(model: dict[str, Any]) -> dict[str, float | None] | None:
     """dkfac over dpkfac, per rank and step, for one model's ``step_time`` section: ``computation`` (mean
     seconds in factor + inverse + precondition, averaged over ranks), ``communication`` (bytes sent),
     ``kfac_memory`` (largest per-rank K-FAC state) and ``peak_rss`` (largest peak process memory, which
-    includes the ~370 MB of Python and torch every process holds); ``None`` without both modes, a ratio
+    includes the Python and torch every process holds); ``None`` without both modes, a ratio
     ``None`` where its denominator is 0 or unmeasured (one rank sends no bytes)."""
     s = model["strategies"]
     if "dpkfac" not in s or "dkfac" not in s:
@@ -191,8 +191,8 @@ def format_markdown(results: dict[str, Any]) -> str:
     if ratios:
         out += ["", "## The paper's three ratios, measured: dkfac over dpkfac, per rank and step", "",
                 "Computation: factor + inverse + precondition seconds; communication: bytes sent; memory: the "
-                "largest rank's K-FAC state, and its peak process memory (RSS, which includes ~370 MB of Python "
-                "and torch in every process).", ""]
+                "largest rank's K-FAC state, and its peak process memory (RSS, which includes the Python and "
+                "torch in every process).", ""]
         paper = {k: f"{lo:.2f}-{hi:.2f}x" for k, (lo, hi) in PAPER_RATIOS.items()}
         out += _table(["model", "computation", "communication", "K-FAC memory", "peak RSS"],
                       [[name, *(f"{r[k]:.2f}x" if r[k] is not None else "-"

@@ -82,26 +82,15 @@ class DigitsDataModule(_TensorDataModule):
         num_workers: data-loader worker processes (default: 0).
     """
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        flatten: bool = False,
-        num_workers: int = 0,
-    ) -> None:
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+                 flatten: bool = False, num_workers: int = 0) -> None:
         super().__init__(batch_size, num_workers)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
                 f"val_fraction={val_fraction} and test_fraction={test_fraction} are invalid: each must be in "
                 "(0, 1) and their sum < 1."
             )
-        self.save_hyperparameters()
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.seed = seed
-        self.flatten = flatten
+        self.save_hyperparameters()  # the settings, read back from self.hparams
 
     def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         with needs_extra("digits"):
@@ -110,14 +99,13 @@ class DigitsDataModule(_TensorDataModule):
         x, y = load_digits(return_X_y=True)
         x = x.astype(np.float32) / 16.0
         idx = np.arange(len(y))
-        idx_rest, idx_test = train_test_split(idx, test_size=self.test_fraction, stratify=y, random_state=self.seed)
-        val_size = self.val_fraction / (1.0 - self.test_fraction)
-        idx_train, idx_val = train_test_split(
-            idx_rest, test_size=val_size, stratify=y[idx_rest], random_state=self.seed
-        )
+        hp = self.hparams
+        idx_rest, idx_test = train_test_split(idx, test_size=hp.test_fraction, stratify=y, random_state=hp.seed)
+        val_size = hp.val_fraction / (1.0 - hp.test_fraction)
+        idx_train, idx_val = train_test_split(idx_rest, test_size=val_size, stratify=y[idx_rest], random_state=hp.seed)
         mean, std = float(x[idx_train].mean()), float(x[idx_train].std())
         x = (x - mean) / std
-        inputs = torch.from_numpy(x).reshape((-1, 64) if self.flatten else (-1, 1, 8, 8))
+        inputs = torch.from_numpy(x).reshape((-1, 64) if self.hparams.flatten else (-1, 1, 8, 8))
         targets = torch.from_numpy(y).long()
         train, val, test = (_subset(inputs, targets, idx) for idx in (idx_train, idx_val, idx_test))
         return train, val, test
@@ -140,36 +128,24 @@ class MNIST1DDataModule(_TensorDataModule):
         num_workers: data-loader worker processes (default: 0).
     """
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_samples: int = 5000,
-        data_seed: int = 42,
-        num_workers: int = 0,
-    ) -> None:
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0, num_samples: int = 5000,
+                 data_seed: int = 42, num_workers: int = 0) -> None:
         super().__init__(batch_size, num_workers)
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction={val_fraction} is invalid: it must be in (0, 1).")
         if num_samples < 100:
             raise ValueError(f"num_samples={num_samples} is invalid: it must be >= 100 (10 per class and split).")
-        self.save_hyperparameters()
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.num_samples = num_samples
-        self.data_seed = data_seed
+        self.save_hyperparameters()  # the settings, read back from self.hparams
 
     def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         with needs_extra("MNIST-1D"):
             from sklearn.model_selection import train_test_split
-        data = _generate_mnist1d(self.num_samples, self.data_seed)
+        data = _generate_mnist1d(self.hparams.num_samples, self.hparams.data_seed)
         x = torch.from_numpy(np.concatenate([data["x"], data["x_test"]]).astype(np.float32)).unsqueeze(1)
         y = torch.from_numpy(np.concatenate([data["y"], data["y_test"]])).long()
         n_train = len(data["y"])
-        idx_train, idx_val = train_test_split(
-            np.arange(n_train), test_size=self.val_fraction, stratify=data["y"], random_state=self.seed
-        )
+        idx_train, idx_val = train_test_split(np.arange(n_train), test_size=self.hparams.val_fraction,
+                                              stratify=data["y"], random_state=self.hparams.seed)
         return _subset(x, y, idx_train), _subset(x, y, idx_val), _subset(x, y, np.arange(n_train, len(y)))
 
 

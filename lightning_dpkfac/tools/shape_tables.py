@@ -25,8 +25,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lightning_dpkfac.distributed.assignment import LayerShape, block_limits
-from lightning_dpkfac.core.layers import block_grid, block_name
+from lightning_dpkfac.core.blocks import block_name, cut_layers
+from lightning_dpkfac.distributed.assignment import LayerShape
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,12 @@ class ModelShapes:
         """The table with each layer split into blocks as the engine splits it on ``world_size`` ranks
         (``KFACConfig.max_factor_dim``, ``inv_update_steps``)."""
         layers = []
-        limits = block_limits(self.shapes, max_factor_dim, world_size, inv_update_steps)
-        for (name, shape), limit in zip(self.layers, limits):
-            blocks = block_grid(shape.d_g, shape.d_a, *limit)
+        for (name, shape), blocks in zip(self.layers, cut_layers(self.shapes, max_factor_dim, world_size,
+                                                                  inv_update_steps)):
             if len(blocks) == 1:
                 layers.append((name, shape))
                 continue
-            layers += [(block_name(name, b), LayerShape(b.c1 - b.c0, b.r1 - b.r0, shape.rows_per_example)) for b in blocks]
+            layers += [(block_name(name, b), LayerShape(b.d_a, b.d_g, shape.rows_per_example)) for b in blocks]
         return dataclasses.replace(self, layers=tuple(layers))
 
     @property

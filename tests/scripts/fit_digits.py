@@ -1,4 +1,4 @@
-"""A small, deterministic Lightning fit of the digits MLP with the dpkfac strategy, for checkpoint tests.
+"""A small, deterministic Lightning fit of the digits MLP with the dpkfac strategy, for the Lightning tests.
 
 Run as a subprocess (Lightning's launcher re-runs this command line for the other ranks):
 
@@ -6,11 +6,19 @@ Run as a subprocess (Lightning's launcher re-runs this command line for the othe
         [--out result.pt] [--kill-rank 1 --kill-at-step 12] [--precision bf16-mixed] [--accumulate 2]
         [--clip 1e-3 --momentum 0 --lr 1] [--manual] [--num-nodes 2]
         [--hidden 256 --batch-size 8 --gather-rows 0] [--max-factor-dim 24] [--model frozen] [--strategy ddp]
-        [--inf-rank 1 --inf-at-step 5 --inf-steps 3 --max-consecutive-faults 3]
+        [--inf-rank 1 --inf-at-step 5 --inf-steps 3 --max-consecutive-faults 3] [--mode dkfac]
+        [--ddp-comm-hook] [--damping-on-rank-1 0.05] [--limit-batches 20]
 
 Rank 0 writes ``--out``: final parameters, per-step training losses, every rank's K-FAC factors as they
 were right after the checkpoint was restored (before any training step), the factor dtype, the number of
-K-FAC steps, the largest parameter update of a step and the threads each rank used.
+K-FAC steps, the largest parameter update of a step, the threads each rank used, whether the parameters
+ended identical on every rank, how often each rank's ``--ddp-comm-hook`` ran, and what each rank found
+after ``trainer.fit`` returned: the modules that still hold a forward hook, and whether one more forward
+and backward pass of the module captured anything for K-FAC or raised.
+
+``--ddp-comm-hook`` gives the strategy a user's DDP communication hook (an all-reduce that counts its
+calls); ``--damping-on-rank-1`` gives rank 1 another damping than the other ranks (a misconfigured sweep).
+A ``ValueError`` out of ``trainer.fit`` is printed as ``[rank R] ValueError: ...`` before it propagates.
 
 Every rank computes with one thread, whatever the shell sets: Lightning would otherwise give each process
 ``cpu_count // local_world_size`` threads (one per rank for two devices on one node, two for one device
@@ -32,6 +40,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import lightning_dpkfac
 from lightning_dpkfac.tools.data import DigitsDataModule
@@ -82,6 +91,42 @@ class PoisonBatch(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
         if trainer.global_rank == self.rank and trainer.global_step in self.steps:
             batch[0].mul_(float("inf"))
+
+
+DDP_HOOK_CALLS = [0]
+
+
+def counting_allreduce_hook(state, bucket):  # type: ignore[no-untyped-def]
+    """A user's DDP communication hook: DDP's own averaging all-reduce, counting its calls. (Unannotated: DDP
+    compares the annotations with ``dist.GradBucket``, and this module's postponed annotations are strings.)"""
+    DDP_HOOK_CALLS[0] += 1
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+def after_fit(module: nn.Module, pre: lightning_dpkfac.KFACPreconditioner | None) -> dict[str, Any]:
+    """What is left of K-FAC on ``module`` after ``trainer.fit``: the modules that still hold a forward hook,
+    and what one more training-mode forward and backward pass did to the engine (its state bytes and what
+    it says it captures), or the error it raised."""
+    hooked = [name for name, m in module.named_modules() if m._forward_hooks]
+    if pre is None:
+        return {"hooked_modules": hooked}
+    before = pre.state_bytes()
+    first = next(m for m in module.modules() if isinstance(m, nn.Linear))
+    x = torch.randn(4, first.in_features, dtype=first.weight.dtype)
+    error = None
+    try:
+        module.train()
+        torch.nn.functional.cross_entropy(module(x), torch.arange(4)).backward()
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        error = f"{type(e).__name__}: {e}"
+    return {"hooked_modules": hooked, "error": error, "state_bytes": (before, pre.state_bytes()),
+            "captures": {layer.name: sorted(pre.captures(layer.name)) for layer in pre.layers}}
+
+
+def factor_dtype(pre: lightning_dpkfac.KFACPreconditioner | None) -> str | None:
+    """The dtype of the factors rank 0 holds (``None`` if it holds none)."""
+    states = [pre.layer_state(layer.name) for layer in pre.layers] if pre is not None else []
+    return next((str(s.dtype) for s in states if s is not None), None)
 
 
 class Recorder(pl.Callback):
@@ -150,6 +195,10 @@ def main() -> None:
     p.add_argument("--inf-at-step", type=int, default=None)
     p.add_argument("--inf-steps", type=int, default=1)
     p.add_argument("--max-consecutive-faults", type=int, default=5)
+    p.add_argument("--mode", choices=["dpkfac", "dkfac"], default="dpkfac")
+    p.add_argument("--ddp-comm-hook", action="store_true")
+    p.add_argument("--damping-on-rank-1", type=float, default=None)
+    p.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (default: all)")
     args = p.parse_args()
 
     pl.seed_everything(0, workers=True)
@@ -158,12 +207,16 @@ def main() -> None:
     if args.inf_rank is not None:
         callbacks.append(PoisonBatch(args.inf_rank, args.inf_at_step, args.inf_steps))
     timeout = timedelta(seconds=args.timeout_s)
+    hook = {"ddp_comm_hook": counting_allreduce_hook} if args.ddp_comm_hook else {}
     if args.strategy == "ddp":
-        strategy: DDPStrategy = DDPStrategy(timeout=timeout)
+        strategy: DDPStrategy = DDPStrategy(timeout=timeout, **hook)
     else:
+        # Lightning's launcher starts rank 1 with LOCAL_RANK=1 in its environment (rank 0 has none).
+        on_rank_1 = os.environ.get("LOCAL_RANK") == "1"
+        damping = args.damping_on_rank_1 if args.damping_on_rank_1 is not None and on_rank_1 else 1e-2
         strategy = lightning_dpkfac.DPKFACStrategy(
-            damping=1e-2, inv_update_steps=7, gather_rows=bool(args.gather_rows), max_factor_dim=args.max_factor_dim,
-            max_consecutive_faults=args.max_consecutive_faults, timeout=timeout,
+            damping=damping, inv_update_steps=7, gather_rows=bool(args.gather_rows), max_factor_dim=args.max_factor_dim,
+            max_consecutive_faults=args.max_consecutive_faults, mode=args.mode, timeout=timeout, **hook,
         )
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
@@ -171,7 +224,7 @@ def main() -> None:
         gradient_clip_val=args.clip,
         callbacks=callbacks,
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, deterministic=True,
+        limit_train_batches=args.limit_batches, limit_val_batches=0, deterministic=True,
     )
     module_class = ManualClassifier if args.manual else ClassifierModule
     net = frozen_backbone(args.hidden) if args.model == "frozen" else mlp(hidden=(args.hidden,))
@@ -182,25 +235,38 @@ def main() -> None:
                     ckpt_path=args.resume)
     except lightning_dpkfac.KFACNumericalError as e:  # every rank raises it at the same step
         error = str(e)
+    except ValueError as e:
+        print(f"[rank {trainer.global_rank}] ValueError: {e}", flush=True)
+        raise
 
     gathered: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(gathered, recorder.factors_at_start)
     gathered_threads: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(gathered_threads, torch.get_num_threads())
+    gathered_params: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered_params, [p.detach() for p in module.parameters()])
+    gathered_hook_calls: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered_hook_calls, DDP_HOOK_CALLS[0])
     pre = getattr(strategy, "preconditioner", None)
+    gathered_after_fit: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered_after_fit, after_fit(module, pre))
     if trainer.is_global_zero and args.out is not None:
         torch.save(
             {
                 "error": error,
                 "finite_params": recorder.finite_params,
-                "skipped_steps": pre.skipped_steps if pre is not None else 0,
+                "skipped_steps": pre.faults.skipped_steps if pre is not None else 0,
                 "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
                 "losses": recorder.losses,
                 "factors_at_start": gathered,
                 "owners": {l.name: o for l, o in zip(pre.layers, pre.owners)} if pre is not None else {},
                 "steps": trainer.global_step,
                 "kfac_steps": pre.steps if pre is not None else 0,
-                "factor_dtype": next((str(s.A.dtype) for s in pre._states.values()), None) if pre is not None else None,
+                "factor_dtype": factor_dtype(pre),
+                "params_identical_on_all_ranks": all(
+                    all(torch.equal(a, b) for a, b in zip(gathered_params[0], other)) for other in gathered_params),
+                "ddp_hook_calls": gathered_hook_calls,
+                "after_fit": gathered_after_fit,
                 "max_update_norm": recorder.max_update_norm,
                 "row_layers": recorder.row_layers,
                 "threads": gathered_threads,

@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from matplotlib.figure import Figure
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 COMPARE = ROOT / "examples" / "compare_runs.py"
 CONF = ROOT / "conf"
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_dpkfac import KFACPreconditioner
-from lightning_dpkfac.core import preconditioner
+from lightning_dpkfac.core import timing
 
 
 class TinyLM(nn.Module):
@@ -55,8 +55,8 @@ def test_describe_flags_a_head_tied_to_an_embedding() -> None:
 def test_a_slow_first_decomposition_is_reported_once_with_its_largest_layers(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Thresholds lowered so that tiny layers count as large and slow."""
-    monkeypatch.setattr(preconditioner, "SLOW_DECOMPOSITION_S", 0.0)
-    monkeypatch.setattr(preconditioner, "LARGE_FACTOR", 30)
+    monkeypatch.setattr(timing, "SLOW_DECOMPOSITION_S", 0.0)
+    monkeypatch.setattr(timing, "LARGE_FACTOR", 30)
     model = nn.Sequential(nn.Linear(40, 20), nn.ReLU(), nn.Linear(20, 3))
     pre = KFACPreconditioner(model, kl_clip=None, inv_update_steps=1)
     with caplog.at_level(logging.WARNING, logger="lightning_dpkfac"):

@@ -1,5 +1,5 @@
 """CUDA checks, skipped where no GPU is present (CI has none). Run them on a GPU machine with
-``python -m pytest tests/test_gpu.py``; 2-GPU NCCL cases need at least two devices."""
+``python -m pytest tests/gpu``; 2-GPU NCCL cases need at least two devices."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import launch_env
+from conftest import ROOT, launch_env
 from lightning_dpkfac import KFACPreconditioner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(device: str, autocast: bool = False) -> list[torch.Tensor]:

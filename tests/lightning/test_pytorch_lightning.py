@@ -9,9 +9,8 @@ from pathlib import Path
 import pytorch_lightning
 import torch
 
-from conftest import launch_env, run_command
+from conftest import ROOT, SCRIPTS, launch_env, run_command
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_strategy_instance_is_accepted_by_the_pytorch_lightning_trainer() -> None:
@@ -33,7 +32,7 @@ def test_pytorch_lightning_trains_by_name_exactly_like_lightning(tmp_path: Path)
     results = {}
     for namespace in ("pytorch_lightning", "lightning.pytorch"):
         out = tmp_path / f"{namespace}.pt"
-        cmd = [sys.executable, str(ROOT / "tests" / "scripts" / "fit_namespace.py"), "--namespace", namespace,
+        cmd = [sys.executable, str(SCRIPTS / "fit_namespace.py"), "--namespace", namespace,
                "--out", str(out)]
         result = run_command(cmd, launch_env(), ROOT, 120)
         assert result.returncode == 0, result.stdout[-3000:]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import identical_on_all_ranks
 from lightning_dpkfac import KFACPreconditioner
 from lightning_dpkfac.core.preconditioner import KFACNumericalError
 
@@ -24,6 +24,10 @@ def batch(step: int, overflow: bool = False) -> tuple[torch.Tensor, torch.Tensor
     if overflow:
         x[0, 0] = 1e25
     return x, y
+
+
+def all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def train(model: nn.Module, pre: KFACPreconditioner, steps: int, bad_step: int | None = None) -> None:
@@ -43,10 +47,10 @@ def test_overflowing_batch_skips_one_factor_update_and_training_goes_on() -> Non
     train(layer, pre, steps=3)
     A_before = pre.factors("")[0].clone()
     train(layer, pre, steps=1, bad_step=0)
-    assert pre.faults_total == 1 and pre.last_step_faults == 1
+    assert pre.faults.faults_total == 1 and pre.faults.last_step_faults == 1
     assert torch.equal(pre.factors("")[0], A_before), "the bad batch must not reach the running average"
     train(layer, pre, steps=2)
-    assert pre.faults_total == 1 and all(torch.isfinite(p).all() for p in layer.parameters())
+    assert pre.faults.faults_total == 1 and all_finite(layer)
 
 
 def test_failed_float32_eigh_is_retried_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,7 +68,7 @@ def test_failed_float32_eigh_is_retried_in_float64(monkeypatch: pytest.MonkeyPat
     pre = KFACPreconditioner(layer, **HP)
     train(layer, pre, steps=2)
     assert calls[:3] == [torch.float32, torch.float64, torch.float64]  # A fails, then A and G in float64
-    assert pre.faults_total == 0 and pre._states[0].qa.dtype == torch.float32
+    assert pre.faults.faults_total == 0 and pre.layer_state("").decomposition["qa"].dtype == torch.float32
 
 
 def test_failed_decomposition_keeps_the_last_good_one_then_raises(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,14 +76,14 @@ def test_failed_decomposition_keeps_the_last_good_one_then_raises(monkeypatch: p
     layer = nn.Linear(6, 3)
     pre = KFACPreconditioner(layer, max_consecutive_faults=3, **HP)
     train(layer, pre, steps=2)
-    good = pre._states[0].qa.clone()
+    good = pre.layer_state("").decomposition["qa"]
 
     def broken_eigh(m: torch.Tensor):
         raise torch.linalg.LinAlgError("forced failure")
 
     monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
     train(layer, pre, steps=2)
-    assert pre.faults_total == 2 and torch.equal(pre._states[0].qa, good)
+    assert pre.faults.faults_total == 2 and torch.equal(pre.layer_state("").decomposition["qa"], good)
     with pytest.raises(KFACNumericalError, match=r"layer\(s\) \[''\] was non-finite on 3 consecutive steps"):
         train(layer, pre, steps=1)
 
@@ -107,10 +111,7 @@ def _owner_only_fault(rank: int, world: int, break_from_step: int) -> dict:
             break
         opt.step()
     torch.linalg.eigh = real_eigh
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
-    return {"raised_at": raised_at, "faults": pre.faults_total, "same_params": torch.equal(*gathered)}
+    return {"raised_at": raised_at, "faults": pre.faults.faults_total, "same_params": identical_on_all_ranks(model)}
 
 
 def test_a_fault_on_the_owner_is_acted_on_identically_by_every_rank(ranks) -> None:
@@ -151,11 +152,7 @@ def _overflow_batch_on_two_ranks(rank: int, world: int) -> dict:
         F.cross_entropy(ddp(x), y).backward()
         pre.step()
         opt.step()
-    flat = torch.cat([p.detach().reshape(-1) for p in layer.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
-    return {"faults": pre.faults_total, "same_params": torch.equal(*gathered),
-            "finite": bool(torch.isfinite(flat).all())}
+    return {"faults": pre.faults.faults_total, "same_params": identical_on_all_ranks(layer), "finite": all_finite(layer)}
 
 
 def test_overflowing_batch_on_two_ranks_counts_one_fault_everywhere_and_training_goes_on(ranks) -> None:
@@ -185,11 +182,8 @@ def _non_finite_batch_on_one_rank(rank: int, world: int, gather_rows: bool) -> d
         if before is not None:
             unchanged = all(torch.equal(p, p0) and torch.equal(opt.state[p]["momentum_buffer"], m0)
                             for p, (p0, m0) in zip(model.parameters(), before))
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
-    return {"rows": bool(pre.row_layers), "skipped": pre.skipped_steps, "faults": pre.faults_total,
-            "unchanged": unchanged, "same_params": torch.equal(*gathered), "finite": bool(torch.isfinite(flat).all())}
+    return {"rows": bool(pre.row_layers), "skipped": pre.faults.skipped_steps, "faults": pre.faults.faults_total,
+            "unchanged": unchanged, "same_params": identical_on_all_ranks(model), "finite": all_finite(model)}
 
 
 @pytest.mark.parametrize("gather_rows", [False, True])
@@ -213,5 +207,5 @@ def test_non_finite_gradients_in_a_row_stop_training_with_an_error_naming_the_da
             F.cross_entropy(layer(x * float("inf")), y).backward()
             pre.step()
             opt.step()
-    assert "the data" in str(error.value) and pre.skipped_steps == 2
-    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    assert "the data" in str(error.value) and pre.faults.skipped_steps == 2
+    assert all_finite(layer)

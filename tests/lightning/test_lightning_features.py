@@ -12,16 +12,12 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import launch_env, run_command
+from conftest import FIT_DIGITS, ROOT, STEPS_PER_EPOCH, WIDE_ROWS, fit_digits, launch_env, run_command
 from lightning_dpkfac.tools.ranks import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "scripts" / "fit_digits.py"
-STEPS_PER_EPOCH = {1: 40, 2: 20}  # 1257 train digits, batch 32 per rank
 
-
-def command(out_dir: Path, name: str, *args: str) -> list[str]:
-    return [sys.executable, str(SCRIPT), "--epochs", "1", "--ckpt-dir", str(out_dir / name),
+def command(out_dir: Path, name: str, *args: str, epochs: int = 1) -> list[str]:
+    return [sys.executable, str(FIT_DIGITS), "--epochs", str(epochs), "--ckpt-dir", str(out_dir / name),
             "--out", str(out_dir / f"{name}.pt"), *args]
 
 
@@ -36,13 +32,13 @@ def fit(out_dir: Path, name: str, *args: str) -> dict[str, Any]:
     return fit_logged(out_dir, name, *args)[0]
 
 
-def test_two_nodes_of_one_device_train_like_one_node_of_two(tmp_path: Path) -> None:
-    one_node = fit(tmp_path, "one_node", "--devices", "2")
+def test_two_nodes_of_one_device_train_like_one_node_of_two(two_rank_run, tmp_path: Path) -> None:
+    _, one_node = two_rank_run  # 3 epochs on one node of 2 devices
     port = str(free_port())
     with ThreadPoolExecutor(2) as pool:  # the two "nodes" must run at the same time
         results = list(pool.map(
             lambda node_rank: run_command(
-                command(tmp_path, f"node{node_rank}", "--devices", "1", "--num-nodes", "2"),
+                command(tmp_path, f"node{node_rank}", "--devices", "1", "--num-nodes", "2", epochs=3),
                 {**launch_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node_rank)},
                 ROOT, 120),
             (0, 1)))
@@ -57,17 +53,22 @@ def test_two_nodes_of_one_device_train_like_one_node_of_two(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("precision", "devices", "factor_dtype"),
-    [("bf16-mixed", 2, "torch.float32"), ("16-mixed", 1, "torch.float32"), ("32-true", 1, "torch.float32"),
-     ("64-true", 1, "torch.float64")],
+    [("bf16-mixed", 2, "torch.float32"), ("16-mixed", 1, "torch.float32"), ("64-true", 1, "torch.float64")],
 )
 def test_precision_trains_with_float32_or_float64_factors(tmp_path: Path, precision: str, devices: int,
                                                           factor_dtype: str) -> None:
     # On CPU Lightning runs "16-mixed" as bf16 autocast (no GradScaler); the scaler path is covered by
-    # tests/test_precision.py and tests/test_gpu.py.
+    # tests/core/test_precision.py and tests/gpu/test_gpu.py.
     result = fit(tmp_path, "run", "--devices", str(devices), "--precision", precision)
     assert result["factor_dtype"] == factor_dtype
     assert result["kfac_steps"] == result["steps"] == STEPS_PER_EPOCH[devices]
     assert all(torch.isfinite(v).all() for v in result["params"].values())
+
+
+def test_full_precision_trains_with_float32_factors(two_rank_run) -> None:
+    _, result = two_rank_run  # "32-true", 3 epochs on 2 devices
+    assert result["factor_dtype"] == "torch.float32"
+    assert result["kfac_steps"] == result["steps"] == 3 * STEPS_PER_EPOCH[2]
 
 
 def test_accumulated_batches_run_kfac_once_per_optimizer_step(tmp_path: Path) -> None:
@@ -87,11 +88,10 @@ def test_manual_optimization_runs_kfac_through_the_lightning_optimizer(tmp_path:
     assert result["kfac_steps"] == result["steps"] == STEPS_PER_EPOCH[2]
 
 
-def test_row_gathering_trains_like_reducing_gradients_under_lightning(tmp_path: Path) -> None:
+def test_row_gathering_trains_like_reducing_gradients_under_lightning(wide_rows_run, tmp_path: Path) -> None:
     """A wide hidden layer and 8 examples per rank: dpkfac gathers its rows (lightning_dpkfac.distributed.rows)."""
-    common = ("--devices", "2", "--precision", "64-true", "--hidden", "256", "--batch-size", "8")
-    rows = fit(tmp_path, "rows", *common)
-    grads = fit(tmp_path, "grads", *common, "--gather-rows", "0")
+    _, rows = wide_rows_run
+    grads = fit_digits(tmp_path, "grads", *WIDE_ROWS, "--gather-rows", "0")
     assert rows["row_layers"] == ["net.1"] and grads["row_layers"] == []
     for name, value in grads["params"].items():
         assert torch.allclose(rows["params"][name], value, rtol=1e-9, atol=1e-12), name

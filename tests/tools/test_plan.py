@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_dpkfac import KFACPreconditioner
 from lightning_dpkfac.distributed.assignment import LayerShape, assign_owners, layer_cost
-from lightning_dpkfac.distributed.comm import KINDS, Communicator, counting_all_reduce_hook
+from lightning_dpkfac.distributed.comm import KINDS, Communicator
+from lightning_dpkfac.distributed.router import counting_all_reduce_hook
 from lightning_dpkfac.tools.plan import (
     bytes_per_step,
     main,

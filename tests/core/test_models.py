@@ -4,11 +4,11 @@ unused on some steps, torch.compile. Float64, dense references written here."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import identical_on_all_ranks
 from lightning_dpkfac import KFACPreconditioner
 
 B = 6
@@ -132,10 +132,7 @@ def _train_branchy(rank: int, world: int) -> bool:
         F.cross_entropy(ddp(torch.randn(6, 4, generator=g), step % 2 == 1), torch.randint(0, 3, (6,), generator=g)).backward()
         pre.step()
         opt.step()
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
-    return torch.equal(*gathered) and bool(torch.isfinite(flat).all())
+    return identical_on_all_ranks(model) and all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def test_layer_unused_on_some_steps_keeps_ranks_identical(ranks) -> None:

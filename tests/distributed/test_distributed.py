@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import kfac_reference as ref
+from conftest import identical_on_all_ranks
 from lightning_dpkfac import KFACPreconditioner
 
 HP = dict(damping=1e-2, factor_decay=0.8, lr=0.1, factor_update_steps=1, inv_update_steps=2)
@@ -48,23 +49,17 @@ def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 3, (LOCAL_BATCH,), generator=g)
 
 
-def params_identical_on_all_ranks(model: nn.Module) -> bool:
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
-    return all(torch.equal(gathered[0], other) for other in gathered)
-
-
 def _train_and_check(
     rank: int, world: int, mode: str, method: str, kl_clip: float | None, engine_grad_comm: bool = True,
-    make_model: Callable[[], nn.Module] = make_model,
+    make_model: Callable[[], nn.Module] = make_model, group: dist.ProcessGroup | None = None,
 ) -> dict:
-    """Train STEPS steps on ``world`` ranks, checking every layer's preconditioned gradient against the
-    dense reference and the parameters against the other ranks'. ``engine_grad_comm``: the engine's DDP
-    hook moves the gradients (dpkfac: reduce to owners), else DDP's own all-reduce does."""
+    """Train STEPS steps on ``world`` ranks (``rank``, ``world``: of ``group``, default all ranks), checking
+    every layer's preconditioned gradient against the dense reference and the parameters against the other
+    ranks'. ``engine_grad_comm``: the engine's DDP hook moves the gradients (dpkfac: reduce to owners), else
+    DDP's own all-reduce does."""
     model = make_model()
-    ddp = DistributedDataParallel(model)
-    pre = KFACPreconditioner(model, mode=mode, method=method, kl_clip=kl_clip, **HP)
+    ddp = DistributedDataParallel(model, process_group=group)
+    pre = KFACPreconditioner(model, mode=mode, method=method, kl_clip=kl_clip, process_group=group, **HP)
     if engine_grad_comm:
         pre.register_ddp_comm_hook(ddp)
     names = [layer.name for layer in pre.layers]
@@ -94,16 +89,17 @@ def _train_and_check(
             err = (ref.grad_matrix(modules[n]) - expected[n]).norm() / expected[n].norm()
             assert err < 1e-6, f"rank {rank}, step {step}, layer {n}: relative error {err:.2e}"
         opt.step()
-        assert params_identical_on_all_ranks(model), f"parameters differ between ranks after step {step}"
+        assert identical_on_all_ranks(model, group), f"parameters differ between ranks after step {step}"
     return {
         "owners": owner,
         "holds_state": {n: pre.holds_state(n) for n in names},
         "has_factors": {n: pre.factors(n) is not None for n in names},
-        "forward_hooks": {n: len(modules[n]._forward_hooks) for n in names},
+        "captures": {n: pre.captures(n) for n in names},
         "bytes": pre.bytes_sent,
         "state_bytes": pre.state_bytes(),
         "shapes": {layer.name: (layer.d_a, layer.d_g) for layer in pre.layers},
         "uncovered_params": sum(p.numel() for p in model.parameters()) - sum(l.num_params for l in pre.layers),
+        "params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
     }
 
 
@@ -129,7 +125,7 @@ def test_dpkfac_non_owner_holds_no_factor_and_captures_nothing(ranks) -> None:
         for name, owner in res["owners"].items():
             mine = owner == rank
             assert res["holds_state"][name] == mine and res["has_factors"][name] == mine, (rank, name)
-            assert res["forward_hooks"][name] == int(mine), (rank, name)
+            assert res["captures"][name] == ({"factors"} if mine else set()), (rank, name)
 
 
 def test_dpkfac_sends_no_factor_bytes(ranks) -> None:
@@ -177,6 +173,31 @@ def test_dpkfac_keeps_about_half_the_factor_state_of_dkfac_on_two_ranks(ranks) -
     dp_total = sum(r["state_bytes"]["factors"] for r in dp)
     dk_per_rank = dk[0]["state_bytes"]["factors"]
     assert dp_total == dk_per_rank  # the factors are split between owners, not copied
+
+
+def _train_in_group_of_ranks_1_and_2(rank: int, world: int, mode: str) -> dict | None:
+    """Global ranks 1 and 2 (group ranks 0 and 1) train in their own group; rank 0 stays out of it and
+    waits in the spawner's final barrier on the default group, so an engine collective on the default
+    group would fail or hang until the timeout."""
+    members = [1, 2]
+    group = dist.new_group(members)  # collective: every rank creates it
+    if rank not in members:
+        return None
+    return _train_and_check(members.index(rank), len(members), mode, "eigen", 1e-3, group=group)
+
+
+@pytest.mark.parametrize("mode", ["dpkfac", "dkfac"])
+def test_a_process_group_of_two_of_three_ranks_trains_like_two_ranks_alone(ranks, mode: str) -> None:
+    """In a group whose ranks are not the global ones (owner ranks and broadcast sources must be mapped),
+    every step matches the dense reference over the group's batches (dkfac: one-process K-FAC on their
+    concatenation), and the parameters equal a 2-rank run's bit for bit."""
+    outside, *in_group = ranks(_train_in_group_of_ranks_1_and_2, 3, mode, timeout=60)
+    alone = ranks(_train_and_check, 2, mode, "eigen", 1e-3)
+    assert outside is None
+    assert set(in_group[0]["owners"].values()) == {0, 1}, "both group ranks should own a layer"
+    for grouped, default in zip(in_group, alone):
+        assert grouped["owners"] == default["owners"]
+        assert torch.equal(grouped["params"], default["params"])
 
 
 class ScaleShift(nn.Module):

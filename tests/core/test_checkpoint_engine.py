@@ -114,7 +114,7 @@ def test_changing_method_on_resume_rebuilds_the_decompositions() -> None:
     train(model, pre, range(2))
     resumed = KFACPreconditioner(model, method="inverse", **HP)
     resumed.load_state_dict(pre.state_dict())
-    assert resumed._states[0].a_inv is not None and resumed._states[0].qa is None
+    assert set(resumed.layer_state("0").decomposition) == {"a_inv", "g_inv"}
 
 
 def _gather_on_two_ranks(rank: int, world: int) -> dict:
@@ -157,23 +157,6 @@ def test_one_rank_state_reshards_onto_two_ranks_by_the_new_owner_map(ranks) -> N
                 assert torch.equal(factors[1], state["layers"][name]["G"])
             else:
                 assert factors is None
-
-
-def test_a_failed_save_leaves_the_previous_checkpoint_file_untouched(tmp_path) -> None:
-    """The strategy writes through Lightning's checkpoint IO (an atomic save after the K-FAC state was
-    gathered): a save that fails while serialising never truncates the file it would replace."""
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    path = tmp_path / "last.ckpt"
-    io_ = TorchCheckpointIO()
-    model = make_model()
-    pre = KFACPreconditioner(model, **HP)
-    train(model, pre, range(2))
-    io_.save_checkpoint({"kfac": pre.state_dict()}, path)
-    before = path.read_bytes()
-    with pytest.raises(Exception):
-        io_.save_checkpoint({"kfac": pre.state_dict(), "bad": lambda: None}, path)  # unpicklable
-    assert path.read_bytes() == before
 
 
 def make_dominant_model() -> nn.Sequential:

@@ -29,7 +29,7 @@ def test_bf16_autocast_keeps_float32_factors_close_to_the_float32_ones() -> None
     bf16 = results[True]
     for name in ("0", "2"):
         A, G = bf16.factors(name)
-        assert A.dtype == G.dtype == bf16._states[bf16._index(name)].qa.dtype == torch.float32
+        assert A.dtype == G.dtype == bf16.layer_state(name).decomposition["qa"].dtype == torch.float32
         torch.testing.assert_close(A, results[False].factors(name)[0], rtol=2e-2, atol=2e-2)
 
 
@@ -74,4 +74,4 @@ def test_overflow_step_under_a_loss_scaler_skips_the_factor_update_without_a_fau
         scaler.step(opt)
         scaler.update()
     assert torch.equal(pre.factors("2")[1], before), "the overflowed G must not reach the running average"
-    assert pre.faults_total == 0 and scaler.get_scale() == 2.0**7  # the scaler saw the overflow and backed off
+    assert pre.faults.faults_total == 0 and scaler.get_scale() == 2.0**7  # the scaler saw the overflow and backed off

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 SCRIPT = ROOT / "examples" / "train.py"
 BUDGET = ("trainer.max_epochs=2", "seed=0", "optimizer=sgd", "optimizer.lr=0.1", "data.batch_size=64",
           "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false")

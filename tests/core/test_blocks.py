@@ -12,7 +12,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import kfac_reference as ref
 from lightning_dpkfac import KFACConfig, KFACPreconditioner
-from lightning_dpkfac.core.layers import Block, block_grid, make_layer, split_range
+from lightning_dpkfac.core.blocks import MIN_AUTO_PART, Block, block_grid, block_limits, split_range
+from lightning_dpkfac.core.layers import make_layer
+from lightning_dpkfac.distributed.assignment import LayerShape, assign_owners, layer_cost, load_imbalance
+from lightning_dpkfac.tools.shape_tables import BUILTIN
 
 HP = dict(damping=1e-2, factor_decay=0.8, lr=0.1, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-3)
 STEPS = 4
@@ -66,7 +69,7 @@ def test_a_conv_blocks_input_rows_are_its_columns_of_the_whole_im2col(conv: nn.M
     x = torch.randn(2, 3, 7) if isinstance(conv, nn.Conv1d) else torch.randn(2, 3, 6, 7)
     whole = make_layer("c", conv)
     rows = whole.input_rows(x)
-    for block in whole.split(4, 4):
+    for block in whole.split(block_grid(whole.d_g, whole.d_a, 4, 4)):
         assert torch.equal(block.input_rows(x), rows[:, block.block.c0 : block.block.c0 + block.n_w]), block.name
 
 
@@ -74,6 +77,49 @@ def test_a_conv_blocks_input_rows_are_its_columns_of_the_whole_im2col(conv: nn.M
 def test_max_factor_dim_must_be_none_auto_or_an_integer_of_at_least_two(value: object) -> None:
     with pytest.raises(ValueError, match="max_factor_dim"):
         KFACConfig(max_factor_dim=value)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ where "auto" cuts
+#: The MLP 784-512-512-10 of the benchmark: its first layer costs 65% of the K-FAC work.
+MLP = [LayerShape(785, 512), LayerShape(513, 512), LayerShape(513, 10)]
+
+
+def test_a_fixed_max_factor_dim_bounds_both_sides_of_every_layer() -> None:
+    assert block_limits(MLP, 256) == [(256, 256)] * 3
+    assert block_limits(MLP, None, world_size=8) == [(None, None)] * 3
+
+
+def test_auto_leaves_every_layer_whole_on_one_rank() -> None:
+    assert block_limits(MLP, "auto", world_size=1) == [(512, 785), (512, 513), (10, 513)]
+
+
+def test_auto_cuts_only_a_layer_above_the_fair_share_and_its_larger_side_first() -> None:
+    # 785 columns -> 2 x 393 brings the first layer under half the total; G (512) stays whole
+    assert block_limits(MLP, "auto", world_size=2) == [(512, 393), (512, 513), (10, 513)]
+
+
+@pytest.mark.parametrize("world_size", [2, 8, 64, 1024])
+@pytest.mark.parametrize("table", list(BUILTIN))
+def test_every_auto_block_fits_the_fair_share_unless_its_sides_reach_the_floor(table: str, world_size: int) -> None:
+    shapes = BUILTIN[table]().shapes
+    fair = sum(layer_cost(s, 10) for s in shapes) / world_size
+    for shape, (rows, cols) in zip(shapes, block_limits(shapes, "auto", world_size)):
+        if layer_cost(shape, 10) <= fair:
+            assert (rows, cols) == (shape.d_g, shape.d_a)
+        else:
+            floor = rows < 2 * MIN_AUTO_PART and cols < 2 * MIN_AUTO_PART
+            assert layer_cost(LayerShape(cols, rows), 10) <= fair or floor, (shape, rows, cols)
+            assert min(rows, cols) >= min(MIN_AUTO_PART, shape.d_g, shape.d_a)
+
+
+def test_auto_balances_resnet50_on_64_ranks_with_few_blocks() -> None:
+    shapes = BUILTIN["resnet50"]()
+    whole, auto = shapes.shapes, shapes.split("auto", 64).shapes
+    imbalance = {name: load_imbalance(costs, assign_owners(costs, 64), 64)
+                 for name, costs in (("whole", [layer_cost(s, 10) for s in whole]),
+                                     ("auto", [layer_cost(s, 10) for s in auto]))}
+    assert imbalance["auto"] < 2.0 < 10 < imbalance["whole"]
+    assert len(auto) < 1.5 * len(whole)
 
 
 # ------------------------------------------------------------------ the math

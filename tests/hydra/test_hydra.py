@@ -25,11 +25,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from conftest import ROOT
 import lightning_dpkfac
 from lightning_dpkfac.hydra.schemas import DDP_KEYWORDS, DPKFACStrategySchema
 from lightning_dpkfac.tools.models import ClassifierModule
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TRAIN = ROOT / "examples" / "train.py"
 COMPARE = ROOT / "examples" / "compare_runs.py"

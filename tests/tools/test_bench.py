@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_dpkfac.tools.bench import _median_spread, main, parse_args
+from lightning_dpkfac.distributed.assignment import LayerShape, layer_cost
 from lightning_dpkfac.distributed.comm import KINDS
 
 
@@ -28,15 +29,43 @@ def test_writes_results_json_markdown_and_plots(tiny_run) -> None:
     assert "## Step time: mlp" in md and "## Convergence: digits" in md and "## Performance goals" in md
 
 
-def test_reports_every_strategy_with_time_phases_bytes_and_memory(tiny_run) -> None:
+def test_reports_every_strategy_with_its_step_time_and_memory(tiny_run) -> None:
     _, results = tiny_run
     strategies = results["step_time"]["mlp"]["strategies"]
     assert list(strategies) == ["ddp", "dkfac", "dpkfac"]
     for name, s in strategies.items():
         assert s["step_s"]["median"] > 0 and len(s["peak_rss_bytes"]) == 2, name
-        assert sum(s["phases_s"].values()) == pytest.approx(s["step_s"]["mean"], rel=1e-6), name
-    assert strategies["ddp"]["ratio_to_ddp"] == 1.0
-    assert strategies["dpkfac"]["load_imbalance"] >= 1.0
+
+
+def test_timed_phases_do_not_overlap_and_leave_little_untimed(tiny_run) -> None:
+    """``other`` is the part of ``KFACPreconditioner.step`` outside the engine's timers: negative if two
+    timers overlapped (time counted twice), the largest part if a phase went untimed."""
+    _, results = tiny_run
+    for name, s in results["step_time"]["mlp"]["strategies"].items():
+        phases = s["phases_s"]
+        assert all(seconds >= 0 for phase, seconds in phases.items() if phase != "other"), (name, phases)
+        assert phases["other"] >= -1e-9, (name, phases)
+        assert max(phases, key=phases.get) != "other", (name, phases)
+
+
+def test_kfac_step_time_is_reported_as_a_ratio_to_ddp_sgds_median(tiny_run) -> None:
+    _, results = tiny_run
+    strategies = results["step_time"]["mlp"]["strategies"]
+    ddp_median = strategies["ddp"]["step_s"]["median"]
+    for name in ("dkfac", "dpkfac"):
+        assert strategies[name]["ratio_to_ddp"] == pytest.approx(strategies[name]["step_s"]["median"] / ddp_median)
+
+
+def test_load_imbalance_is_the_owners_largest_load_over_the_mean(tiny_run) -> None:
+    """The MLP 784-512-512-10 on 2 ranks, decomposing every 2 steps: layer 0 alone on rank 0."""
+    _, results = tiny_run
+    costs = [layer_cost(LayerShape(d_a, d_g), inv_update_steps=2) for d_a, d_g in ((785, 512), (513, 512), (513, 10))]
+    loads = [costs[0], costs[1] + costs[2]]
+    strategies = results["step_time"]["mlp"]["strategies"]
+    assert strategies["ddp"]["load_imbalance"] is None
+    for name in ("dkfac", "dpkfac"):
+        assert strategies[name]["owners"] == [0, 1, 1], name
+        assert strategies[name]["load_imbalance"] == pytest.approx(max(loads) / (sum(loads) / 2)), name
 
 
 def test_measured_bytes_per_step_equal_the_planners_prediction(tiny_run) -> None:

@@ -12,11 +12,10 @@ import pytest
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from conftest import launch_env, run_command
+from conftest import ROOT, launch_env, run_command
 from lightning_dpkfac import DPKFACStrategy, KFACConfig
 from lightning_dpkfac.tools.data import DigitsDataModule
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 from cli import DigitsCNN  # noqa: E402
 
