@@ -189,10 +189,11 @@ class ReferenceKFAC:
     factor_update_steps: int
     inv_update_steps: int
     method: str
+    slots: dict[str, int] = field(default_factory=dict)  # layer -> its step in every decomposition interval
     steps: int = 0
     A: dict[str, Tensor] = field(default_factory=dict)
     G: dict[str, Tensor] = field(default_factory=dict)
-    frozen: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # factors at the last decomposition
+    frozen: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # factors at each layer's last decomposition
     kl_scales: list[float] = field(default_factory=list)  # nu of every step
 
     def update(self, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
@@ -202,8 +203,9 @@ class ReferenceKFAC:
             for name, (a, g) in factors.items():
                 self.A[name] = a if name not in self.A else d * self.A[name] + (1 - d) * a
                 self.G[name] = g if name not in self.G else d * self.G[name] + (1 - d) * g
-        if self.steps % self.inv_update_steps == 0:
-            self.frozen = {n: (self.A[n].clone(), self.G[n].clone()) for n in self.A}
+        for n in self.A:  # every layer at step 0, then each in its own slot of every interval
+            if self.steps == 0 or self.steps % self.inv_update_steps == self.slots.get(n, 0):
+                self.frozen[n] = (self.A[n].clone(), self.G[n].clone())
         self.steps += 1
 
     def precondition_all(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -34,7 +34,9 @@ class KFACConfig:
         lr: learning rate used by KL-clip; ``None`` means "read it from the optimizer" (the Lightning
             strategy does) or pass it to ``KFACPreconditioner.step(lr=...)``. (default: None)
         factor_update_steps: build new factors every this many optimizer steps; >= 1. (default: 1)
-        inv_update_steps: recompute inverses/eigendecompositions every this many steps; a multiple of
+        inv_update_steps: decompose (eigendecompose or invert) each layer's factors once every this many
+            steps, the layers spread over the interval so that no step carries all decompositions (every
+            layer at step 0; ``distributed.assignment.decomposition_slots``); a multiple of
             ``factor_update_steps``. (default: 10)
         method: ``"eigen"`` (eigendecomposition, damping on the Kronecker eigenvalues) or ``"inverse"``
             (damped inverse of each factor). (default: "eigen")

@@ -5,8 +5,9 @@ One optimizer step, after ``loss.backward()`` and the gradient sync (DDP's all-r
 
 1. factors       the captured batch factors (``core.capture``) join the running averages; dkfac
                  all-reduces them first (``distributed.modes``).
-2. decompose     every ``inv_update_steps``: owners decompose their layers (``core.decomposition``, with the
-                 retry ladder of ``core.faults``); dkfac broadcasts the decompositions.
+2. decompose     once every ``inv_update_steps``, each layer in its own slot of the interval (all of them at
+                 step 0; ``distributed.assignment.decomposition_slots``): owners decompose (``core.decomposition``,
+                 with the retry ladder of ``core.faults``); dkfac broadcasts the decompositions.
 3. precondition  whoever holds a layer's decomposition packs its payload ``[P, sum(P * grad), flag]``
                  (``core.payload``); dpkfac's owners broadcast theirs.
 4. apply         every rank reads all flags in one host sync, applies the same KL-clip scale, writes ``P``
@@ -37,7 +38,15 @@ from lightning_dpkfac.core.layers import KFACLayer, discover_layers, layers_of_p
 from lightning_dpkfac.core.payload import Flag
 from lightning_dpkfac.core.state import LayerState, LayerStateView
 from lightning_dpkfac.core.timing import DecompositionReport, PhaseTimer
-from lightning_dpkfac.distributed.assignment import LayerShape, assign_owners, layer_cost, load_imbalance, rank_loads
+from lightning_dpkfac.distributed.assignment import (
+    LayerShape,
+    assign_owners,
+    decomposes_at,
+    decomposition_slots,
+    layer_cost,
+    load_imbalance,
+    rank_loads,
+)
 from lightning_dpkfac.distributed.comm import Communicator
 from lightning_dpkfac.distributed.modes import distribution_for
 from lightning_dpkfac.distributed.router import GradientRouter
@@ -71,8 +80,12 @@ class KFACPreconditioner:
                                                     cfg.inv_update_steps)
         #: trainable parameters left to their plain gradient, with the reason (``describe()`` lists them)
         self.plain = plain_parameters(model, self.layers, self.skipped)
-        self.costs = [layer_cost(LayerShape(l.d_a, l.d_g), cfg.inv_update_steps) for l in self.layers]
+        shapes = [LayerShape(l.d_a, l.d_g) for l in self.layers]
+        self.costs = [layer_cost(s, cfg.inv_update_steps) for s in shapes]
         self.owners = assign_owners(self.costs, self.world_size)
+        #: per layer, the step of each decomposition interval at which it is decomposed
+        self.slots = decomposition_slots(shapes, self.owners, self.world_size, cfg.inv_update_steps,
+                                         cfg.factor_update_steps)
         self.steps = 0
         self.timer = PhaseTimer()
         self.method = decomposition_for(cfg.method)
@@ -112,14 +125,15 @@ class KFACPreconditioner:
         for state in self._states.values():
             state.fault = False
         fold = self._update_factors(cfg.value("factor_decay", k)) if k % cfg.factor_update_steps == 0 else None
-        if k % cfg.inv_update_steps == 0:
-            if fold is not None:  # the decomposition needs the new factors now
-                fold()
-                fold = None
+        due = [i for i, slot in enumerate(self.slots) if decomposes_at(k, slot, cfg.inv_update_steps)]
+        if due:
+            if fold is not None:  # these decompositions need their new factors now; the rest folds later
+                fold(due)
                 if k == 0:
                     self._warn_uncaptured()
-            self._decompose(damping)
-        flags, others_finite = self._precondition_and_share(damping, kl_clip, lr, while_sending=fold)
+            self._decompose(damping, due)
+        flags, others_finite = self._precondition_and_share(
+            damping, kl_clip, lr, while_sending=None if fold is None else lambda: fold(None))
         self._rows.end_step()
         if self.faults.record(k, flags, others_finite):
             for param in self.model.parameters():  # torch optimizers skip a parameter without a gradient
@@ -128,10 +142,10 @@ class KFACPreconditioner:
         self.steps += 1
         self._capture.new_step(self.steps % cfg.factor_update_steps == 0)
 
-    def _update_factors(self, decay: float) -> Callable[[], None]:
+    def _update_factors(self, decay: float) -> Callable[[list[int] | None], None]:
         """Take the step's batch factors (dkfac: all-reduced) and flag the non-finite ones; returns the fold
-        of the others into the running averages, which the caller may run later (local work: dpkfac runs it
-        while its payloads are on the wire)."""
+        of the others into the running averages, of the given layers (``None``: all not yet folded), which
+        the caller may run later (local work: dpkfac runs it while its payloads are on the wire)."""
         with self.timer("factor"):
             batch = {i: state.take_captures() for i, state in self._states.items()}
         batch = self.distribution.combine_batch_factors(batch, self._dtypes)
@@ -144,19 +158,21 @@ class KFACPreconditioner:
             for i in captured.keys() - good.keys():
                 self._states[i].fault = self._capture.loss_scale_fn is None
 
-        def fold() -> None:
+        def fold(layers: list[int] | None) -> None:
             with self.timer("factor"):
-                for i, ((a, a_scale), (g, g_scale)) in good.items():
+                for i in list(good) if layers is None else [i for i in layers if i in good]:
+                    (a, a_scale), (g, g_scale) = good.pop(i)
                     state = self._states[i]
                     state.A = a.fold_into(state.A, a_scale, decay)  # decay A + (1 - decay) a_scale a
                     state.G = g.fold_into(state.G, g_scale, decay)
 
         return fold
 
-    def _decompose(self, damping: float) -> None:
-        """Owners decompose their layers' factors (dkfac: and broadcast them); a failure flags the fault and
-        keeps the last good decomposition."""
-        owned = [i for i, s in self._states.items() if self.owners[i] == self.rank and s.A is not None and s.G is not None]
+    def _decompose(self, damping: float, due: list[int]) -> None:
+        """Owners decompose the factors of layers ``due`` (dkfac: and broadcast them); a failure flags the
+        fault and keeps the last good decomposition."""
+        owned = [i for i in due if self.owners[i] == self.rank and i in self._states
+                 and self._states[i].A is not None and self._states[i].G is not None]
         with self.timer("inverse"):
             if self._report.pending and owned:
                 largest = max(owned, key=lambda i: max(self.layers[i].d_a, self.layers[i].d_g))
@@ -169,7 +185,7 @@ class KFACPreconditioner:
                 seconds[self.layers[i].name] = (_sizes(self.layers[i]), time.perf_counter() - start)
             if self._report.pending and owned:
                 self._report.report(self.steps, seconds)
-        for i, result in self.distribution.share_decompositions(results, self.method, self._dtypes).items():
+        for i, result in self.distribution.share_decompositions(due, results, self.method, self._dtypes).items():
             state = self._states[i]
             if result is None:
                 state.fault = True
@@ -333,6 +349,11 @@ class KFACPreconditioner:
             lines += [f"  {module or '(model)':<40} {', '.join(params)}: {reason}"
                       for (module, reason), params in groups.items()]
         return "\n".join(lines)
+
+    def schedule(self) -> dict[str, int]:
+        """Per layer, the step of every interval of ``inv_update_steps`` at which it is decomposed (its slot;
+        every layer is also decomposed at step 0)."""
+        return {layer.name: slot for layer, slot in zip(self.layers, self.slots)}
 
     def owner_of(self, name: str) -> int:
         """The rank that owns layer ``name``."""

@@ -1,4 +1,5 @@
-"""Who owns which layer: a cost model and a deterministic greedy owner map.
+"""Who owns which layer, and when it is decomposed: a cost model, a deterministic greedy owner map, and the
+slots that spread every owner's decompositions over the decomposition interval.
 
 Every rank computes the same map from the same layer shapes, with no communication::
 
@@ -69,3 +70,35 @@ def load_imbalance(costs: Sequence[float], owners: Sequence[int], world_size: in
     loads = rank_loads(costs, owners, world_size)
     mean = sum(loads) / world_size
     return max(loads) / mean if mean > 0 else 1.0
+
+
+def decomposition_cost(shape: LayerShape) -> float:
+    """One decomposition of a layer's two factors, in floating-point operations (up to a constant)."""
+    return float(shape.d_a**3 + shape.d_g**3)
+
+
+def decomposition_slots(shapes: Sequence[LayerShape], owners: Sequence[int], world_size: int,
+                        inv_update_steps: int, factor_update_steps: int = 1) -> list[int]:
+    """Per layer, its slot: the step within every interval of ``inv_update_steps`` (a multiple of
+    ``factor_update_steps``, so that its factors are fresh) at which its owner decomposes it.
+
+    Greedy, costliest first: each layer goes to the slot where its owner has decomposed the least so far
+    (ties: where the busiest rank has the least, then the earlier slot), so that no step carries every
+    decomposition of the interval. Depends only on the shapes and the owner map: every rank computes the
+    same slots. All layers are also decomposed at step 0, so that preconditioning starts at once.
+    """
+    slots = range(0, inv_update_steps, factor_update_steps)
+    loads = [[0.0] * len(slots) for _ in range(world_size)]
+    costs = [decomposition_cost(s) for s in shapes]
+    out = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-costs[i], i)):
+        mine = loads[owners[i]]
+        j = min(range(len(slots)), key=lambda j: (mine[j], max(rank[j] for rank in loads), j))
+        mine[j] += costs[i]
+        out[i] = slots[j]
+    return out
+
+
+def decomposes_at(step: int, slot: int, inv_update_steps: int) -> bool:
+    """Whether a layer of slot ``slot`` is decomposed at optimizer step ``step`` (every layer at step 0)."""
+    return step == 0 or step % inv_update_steps == slot

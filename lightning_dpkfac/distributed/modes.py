@@ -66,9 +66,11 @@ class Distribution(ABC):
         """The batch factors the running averages take: this rank's own (dpkfac)."""
         return batch
 
-    def share_decompositions(self, results: dict[int, tuple[Tensor, ...] | None], method: Decomposition,
+    def share_decompositions(self, due: list[int], results: dict[int, tuple[Tensor, ...] | None],
+                             method: Decomposition,
                              dtypes: dict[int, torch.dtype]) -> dict[int, tuple[Tensor, ...] | None]:
-        """The new decompositions this rank stores, from the ones it computed (``None``: failed)."""
+        """The new decompositions this rank stores, from the ones it computed (``None``: failed) of the
+        layers ``due`` this step."""
         return results
 
     def install(self, ddp: DistributedDataParallel, router: GradientRouter, under_scaler: bool) -> bool:
@@ -164,17 +166,19 @@ class DKFAC(Distribution):
             out[i] = ((BatchFactor.of(A), 1 / n), (BatchFactor.of(G), 1 / n)) if n > 0 else (None, None)
         return out
 
-    def share_decompositions(self, results: dict[int, tuple[Tensor, ...] | None], method: Decomposition,
+    def share_decompositions(self, due: list[int], results: dict[int, tuple[Tensor, ...] | None],
+                             method: Decomposition,
                              dtypes: dict[int, torch.dtype]) -> dict[int, tuple[Tensor, ...] | None]:
-        """Collective: every layer's new decomposition from its owner, with a flag (0: none, the owner had
-        no factors yet; 1: new; 2: failed), to every rank."""
+        """Collective: the new decomposition of every layer ``due`` this step from its owner, with a flag
+        (0: none, the owner had no factors yet; 1: new; 2: failed), to every rank."""
         if self.comm.world_size == 1:
             return results
         parts: dict[int, list[Tensor]] = {}
         flags: list[Tensor] = []
         tensors: list[Tensor] = []
         owners: list[int] = []
-        for i, layer in enumerate(self.layers):
+        for i in due:
+            layer = self.layers[i]
             result, device = results.get(i), layer.weight.device
             parts[i] = list(result) if result is not None else [
                 torch.zeros(s, dtype=dtypes[i], device=device) for s in method.wire_shapes(layer.d_a, layer.d_g)]
@@ -185,7 +189,7 @@ class DKFAC(Distribution):
         with self.timer("comm"):
             self.comm.broadcast_from_owners(tensors, owners, "inverses")
         shared: dict[int, tuple[Tensor, ...] | None] = {}
-        for i, flag in enumerate(payload.to_host(flags)):
+        for i, flag in zip(due, payload.to_host(flags)):
             if flag == 1.0:
                 shared[i] = tuple(parts[i])
             elif flag == 2.0:

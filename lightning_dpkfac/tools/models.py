@@ -1,4 +1,5 @@
-"""Small networks for 8x8 digits and MNIST-1D, and a LightningModule that trains any classifier.
+"""Networks for 8x8 digits, MNIST-1D and CIFAR-shaped (3x32x32) inputs, and a LightningModule that trains
+any classifier.
 
 K-FAC covers the networks' Linear, Conv1d and Conv2d (groups=1) layers; every other parameter (BatchNorm,
 LayerNorm, embeddings, attention's fused input projection) keeps its plain gradient.
@@ -106,6 +107,40 @@ def resnet_small(in_channels: int = 1, width: int = 16, num_classes: int = 10) -
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(2 * width, num_classes),
+    )
+
+
+def cifar_cnn(in_channels: int = 3, num_classes: int = 10) -> nn.Sequential:
+    """A CIFAR-shaped CNN: (B, 3, 32, 32) -> (B, num_classes) logits. Convolutions 3 -> 32 -> 64 -> 64 (3x3)
+    with two 2x2 max-pools, then Linear 4096 -> 256 -> ``num_classes``: its first Linear has a 4097 x 4097
+    input factor, the kind of wide layer whose decomposition dominates a K-FAC step."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 256), nn.ReLU(inplace=True),
+        nn.Linear(256, num_classes),
+    )
+
+
+def resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Sequential:
+    """ResNet-18 for 32x32 inputs (the CIFAR variant: a 3x3 stem, no stem pooling): (B, 3, 32, 32) ->
+    (B, num_classes) logits. Four stages of two residual blocks at 64, 128, 256 and 512 channels, with
+    BatchNorm; its 3x3 convolutions at 512 channels have 4608 x 4608 input factors."""
+    widths = (64, 128, 256, 512)
+    blocks: list[nn.Module] = []
+    for stage, width in enumerate(widths):
+        previous = widths[max(stage - 1, 0)]
+        blocks += [ResidualBlock(previous, width, stride=1 if stage == 0 else 2), ResidualBlock(width, width)]
+    return nn.Sequential(
+        nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(inplace=True),
+        *blocks,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[-1], num_classes),
     )
 
 

@@ -34,7 +34,14 @@ from lightning_dpkfac.core.config import METHODS, check_max_factor_dim
 from lightning_dpkfac.core.decomposition import decomposition_for
 from lightning_dpkfac.core.factors import keeps_as_rows
 from lightning_dpkfac.core.layers import KFACLayer, LinearLayer, discover_layers
-from lightning_dpkfac.distributed.assignment import LayerShape, assign_owners, layer_cost, load_imbalance
+from lightning_dpkfac.distributed.assignment import (
+    LayerShape,
+    assign_owners,
+    decomposes_at,
+    decomposition_slots,
+    layer_cost,
+    load_imbalance,
+)
 from lightning_dpkfac.distributed.comm import KINDS, Message, per_rank_bytes
 from lightning_dpkfac.distributed.modes import Distribution, distribution_for
 from lightning_dpkfac.distributed.router import hook_messages
@@ -118,12 +125,14 @@ def predict_bytes(
     dist = Distribution if mode == "ddp" else distribution_for(mode)  # ddp: DDP's all-reduce alone
     decomposition = decomposition_for(method)
     factor_updates = len(range(0, steps, factor_update_steps))
-    decompositions = len(range(0, steps, inv_update_steps))
+    slots = decomposition_slots(shapes.shapes, owner_map(shapes, world_size, inv_update_steps), world_size,
+                                inv_update_steps, factor_update_steps)
     send(hook_messages(shapes.other_params, to_owner=False), steps)
-    for s in shapes.shapes:
+    for s, slot in zip(shapes.shapes, slots):
         send(hook_messages(s.d_g * s.d_a, dist.reduces_to_owners), steps)
         if mode != "ddp":
             send(dist.factor_messages(s), factor_updates)
+            decompositions = sum(decomposes_at(k, slot, inv_update_steps) for k in range(steps))
             send(dist.decomposition_messages(s, decomposition), decompositions)
             send(dist.result_messages(s), steps)
     candidates = [s for s in shapes.shapes if s.rows_per_example > 0]

@@ -193,7 +193,7 @@ def _train_and_check(rank: int, world: int, model_name: str, mode: str, method: 
         pre.register_ddp_comm_hook(ddp)
     modules = dict(model.named_modules())
     module_names = sorted({layer.module_name for layer in pre.layers})
-    streams = {r: ref.ReferenceKFAC(method=method, **HP) for r in range(world)}
+    streams = {r: ref.ReferenceKFAC(method=method, slots=pre.schedule(), **HP) for r in range(world)}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(STEPS):
         batches = [local_batch(model_name, step, r) for r in range(world)]

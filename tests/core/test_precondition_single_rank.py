@@ -107,7 +107,7 @@ def run_against_reference(
     modules = dict(model.named_modules())
     assert all(isinstance(modules[n], (nn.Linear, nn.Conv1d, nn.Conv2d)) for n in names)
     assert len(names) == sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules())
-    dense = ref.ReferenceKFAC(**hp)
+    dense = ref.ReferenceKFAC(slots=pre.schedule(), **hp)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(steps):
         x, y = torch.randn(BATCH, *in_shape, dtype=dtype), torch.randint(0, 3, (BATCH,))
@@ -230,3 +230,21 @@ def test_a_convolutions_factor_of_an_activation_is_formed_in_step_the_others_in_
     assert formed == in_forward
     pre.step()
     assert formed == in_forward + in_step
+
+
+def test_each_step_decomposes_only_the_layers_of_its_slot() -> None:
+    """Four equal layers decomposed every 4 steps: all at step 0, then one per step, in its slot."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    pre = KFACPreconditioner(model, kl_clip=None, inv_update_steps=4)
+    slots = pre.schedule()
+    assert sorted(slots.values()) == [0, 1, 2, 3]
+    before: dict[str, torch.Tensor] = {}
+    for step in range(9):
+        model.zero_grad()
+        model(torch.randn(16, 8)).square().mean().backward()
+        pre.step()
+        now = {name: pre.layer_state(name).decomposition["qa"] for name in slots}
+        renewed = {name for name in slots if name not in before or not torch.equal(now[name], before[name])}
+        assert renewed == ({*slots} if step == 0 else {n for n, slot in slots.items() if slot == step % 4}), step
+        before = now

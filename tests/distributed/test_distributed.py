@@ -66,7 +66,7 @@ def _train_and_check(
     modules = dict(model.named_modules())
     owner = {n: pre.owner_of(n) for n in names}
     # dpkfac: one reference stream per rank (its local batches); dkfac: one stream of global batches.
-    streams = {r: ref.ReferenceKFAC(kl_clip=kl_clip, method=method, **HP) for r in range(world)}
+    streams = {r: ref.ReferenceKFAC(kl_clip=kl_clip, method=method, slots=pre.schedule(), **HP) for r in range(world)}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(STEPS):
         batches = [local_batch(step, r) for r in range(world)]

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_dpkfac import KFACPreconditioner
 from lightning_dpkfac.tools.data import MNIST1DDataModule
-from lightning_dpkfac.tools.models import cnn1d, resnet_small, transformer_classifier
+from lightning_dpkfac.tools.models import cifar_cnn, cnn1d, resnet18, resnet_small, transformer_classifier
 
 
 @pytest.fixture
@@ -59,8 +59,10 @@ def test_mnist1d_is_the_same_on_every_call_and_leaves_global_rngs_alone() -> Non
         (resnet_small(), (4, 1, 8, 8)),
         (transformer_classifier(), (4, 1, 8, 8)),
         (transformer_classifier(seq_len=10, token_dim=4), (4, 1, 40)),
+        (cifar_cnn(), (2, 3, 32, 32)),
+        (resnet18(), (2, 3, 32, 32)),
     ],
-    ids=["cnn1d-mnist1d", "resnet-digits", "transformer-digits", "transformer-mnist1d"],
+    ids=["cnn1d-mnist1d", "resnet-digits", "transformer-digits", "transformer-mnist1d", "cifar-cnn", "resnet18"],
 )
 def test_each_network_maps_its_input_to_10_logits(net: nn.Module, input_shape: tuple[int, ...]) -> None:
     assert net(torch.randn(input_shape)).shape == (input_shape[0], 10)
@@ -84,3 +86,12 @@ def test_kfac_covers_the_transformers_embedding_feed_forward_and_head_not_attent
     net = transformer_classifier(num_layers=1)
     covered = _preconditioned_after_one_step(net, torch.randn(4, 1, 8, 8))
     assert covered == {"embed", "encoder.layers.0.linear1", "encoder.layers.0.linear2", "head"}
+
+
+def test_the_cifar_shaped_models_have_the_wide_factors_they_are_meant_to_stress() -> None:
+    """The CIFAR CNN's first Linear reads 4096 features (A 4097 x 4097); ResNet-18's last stage has 3x3
+    convolutions over 512 channels (A 4608 x 4608, no bias), BatchNorm left plain."""
+    cnn, resnet = KFACPreconditioner(cifar_cnn(), lr=0.1), KFACPreconditioner(resnet18(), lr=0.1)
+    assert max(layer.d_a for layer in cnn.layers) == 4097
+    assert max(layer.d_a for layer in resnet.layers) == 4608 and len(resnet.layers) == 21
+    assert any("BatchNorm2d" in reason for reason in resnet.plain.values())
