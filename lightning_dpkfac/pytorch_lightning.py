@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pytorch_lightning import Callback
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_dpkfac.lightning.callback import KFACCallbackMixin
 from lightning_dpkfac.lightning.strategy import KFACStrategyMixin
@@ -27,6 +27,7 @@ from lightning_dpkfac.lightning.strategy import KFACStrategyMixin
 class KFACCallback(KFACCallbackMixin, Callback):
     __doc__ = KFACCallbackMixin.__doc__
     _info = staticmethod(rank_zero_info)
+    _warn = staticmethod(rank_zero_warn)
 
 
 class DPKFACStrategy(KFACStrategyMixin, DDPStrategy):

@@ -8,6 +8,7 @@ their payloads, and gradients DDP all-reduced), so all ranks count alike and rai
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,36 @@ def decompose_with_retries(method: Decomposition, A: Tensor, G: Tensor, dtype: t
             return tuple(t.to(dtype).contiguous() for t in result)
     log.warning("K-FAC decomposition failed (%s); keeping the last good one", method.name)
     return None
+
+
+class DivergenceWatch:
+    """Notices, from the training loss, that training diverges under K-FAC: once the loss's running average
+    (weight ``1 - decay`` on the newest loss) has risen to ``factor`` times its lowest value, at least
+    ``patience`` steps after that lowest value, :meth:`observe` returns a message (once) naming the rise
+    and the settings that help. A non-finite loss is left to the non-finite-gradient path."""
+
+    def __init__(self, factor: float = 2.0, patience: int = 10, decay: float = 0.9) -> None:
+        self.factor, self.patience, self.decay = factor, patience, decay
+        self._average: float | None = None
+        self._best: tuple[float, int] | None = None  # the lowest running average, and its step
+        self._said = False
+
+    def observe(self, step: int, loss: float, damping: float, kl_clip: float | None) -> str | None:
+        """Take step ``step``'s training loss; a message the first time the loss has diverged, else ``None``."""
+        if self._said or not math.isfinite(loss):
+            return None
+        self._average = loss if self._average is None else self.decay * self._average + (1 - self.decay) * loss
+        if self._best is None or self._average < self._best[0]:
+            self._best = (self._average, step)
+            return None
+        best, at = self._best
+        if self._average < self.factor * best or step - at < self.patience or best <= 0:
+            return None
+        self._said = True
+        return (f"K-FAC: the training loss (running average) rose from {best:.4g} at step {at} to "
+                f"{self._average:.4g} at step {step}: training is diverging, the preconditioned updates are too "
+                f"large for this model. Fix: raise damping (now {damping:g}), lower the learning rate, or lower "
+                f"kl_clip (now {kl_clip}); strategy='ddp' trains without K-FAC.")
 
 
 class FaultCounter:

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_dpkfac.core.faults import DivergenceWatch
 from lightning_dpkfac.core.timing import PHASES
 from lightning_dpkfac.distributed.comm import KINDS
 
@@ -67,7 +69,8 @@ class KFACCallbackMixin:
     gradient was non-finite and no update was applied), ``kfac/damping`` and ``kfac/kl_lr``.
 
     It writes the engine's state (factors, decompositions, counters), gathered onto rank 0, into the
-    checkpoint under ``CHECKPOINT_KEY``, and restores it from there.
+    checkpoint under ``CHECKPOINT_KEY``, and restores it from there. It warns once if rank 0's training
+    loss diverges (``core.faults.DivergenceWatch``).
 
     Args:
         preconditioner: the engine the strategy built.
@@ -75,8 +78,9 @@ class KFACCallbackMixin:
             ``log_every_n_steps`` still decides what reaches the logger).
     """
 
-    #: the namespace's rank-zero logging function (its logger is the one Lightning configured)
+    #: the namespace's rank-zero logging and warning functions (their logger is the one Lightning configured)
     _info: Callable[[str], None]
+    _warn: Callable[[str], None]
 
     def __init__(self, preconditioner: KFACPreconditioner, log_every_n_steps: int = 1) -> None:
         self.preconditioner = preconditioner
@@ -84,6 +88,7 @@ class KFACCallbackMixin:
         self._covered = {id(layer.weight) for layer in preconditioner.layers}
         self._last_times: dict[str, float] = {}
         self._last_bytes: dict[str, float] = {}
+        self._divergence = DivergenceWatch()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Collective (Lightning builds the checkpoint dict on every rank): the K-FAC state of every
@@ -97,8 +102,8 @@ class KFACCallbackMixin:
         state = checkpoint.get(CHECKPOINT_KEY, checkpoint.get("callbacks", {}).get("KFACCallback", {}).get("kfac"))
         if state is None:
             self._info("The checkpoint holds no K-FAC state (it was saved with another strategy): K-FAC starts "
-                           "fresh, building factors from the next steps; layers keep their plain gradient until "
-                           "the first decomposition.")
+                       "fresh, building factors from the next steps; layers keep their plain gradient until the "
+                       "first decomposition.")
             return
         self.preconditioner.load_state_dict(state)
 
@@ -117,6 +122,17 @@ class KFACCallbackMixin:
         pre.step(lr=lr)
         if step % self.log_every_n_steps == 0:
             pl_module.log_dict(self._metrics(step, lr), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if trainer.global_rank != 0 or not isinstance(loss, Tensor):
+            return
+        pre = self.preconditioner
+        message = self._divergence.observe(pre.steps, float(loss), pre.config.value("damping", pre.steps),
+                                           pre.config.value("kl_clip", pre.steps))
+        if message is not None:
+            self._warn(message)
 
     def _metrics(self, step: int, lr: float | None) -> dict[str, Any]:
         pre = self.preconditioner
@@ -138,3 +154,4 @@ class KFACCallbackMixin:
 class KFACCallback(KFACCallbackMixin, Callback):
     __doc__ = KFACCallbackMixin.__doc__
     _info = staticmethod(rank_zero_info)
+    _warn = staticmethod(rank_zero_warn)

@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import identical_on_all_ranks
 from lightning_dpkfac import KFACPreconditioner
+from lightning_dpkfac.core.faults import DivergenceWatch
 from lightning_dpkfac.core.preconditioner import KFACNumericalError
 
 HP = dict(damping=1e-2, lr=0.1, kl_clip=1e-3, inv_update_steps=1)
@@ -209,3 +210,18 @@ def test_non_finite_gradients_in_a_row_stop_training_with_an_error_naming_the_da
             opt.step()
     assert "the data" in str(error.value) and pre.faults.skipped_steps == 2
     assert all_finite(layer)
+
+
+def test_a_loss_that_doubles_after_its_lowest_point_is_named_once_as_divergence() -> None:
+    watch = DivergenceWatch(factor=2.0, patience=3, decay=0.0)  # decay 0: the average is the last loss
+    said = [watch.observe(k, loss, damping=1e-3, kl_clip=1e-3)
+            for k, loss in enumerate([2.3, 1.5, 1.0, 2.2, 1.9, 1.8, 2.5, 5.0])]
+    assert said[:6] == [None] * 6  # too soon after the lowest (1.0 at step 2), or below twice it
+    assert "rose from 1 at step 2 to 2.5 at step 6" in said[6] and "raise damping (now 0.001)" in said[6]
+    assert said[7] is None  # once
+
+
+def test_a_falling_or_noisy_loss_is_not_divergence() -> None:
+    watch = DivergenceWatch()
+    losses = [2.3 * 0.97**k + (0.3 if k % 2 else 0.0) for k in range(200)]
+    assert all(watch.observe(k, loss, 1e-3, None) is None for k, loss in enumerate(losses))

@@ -130,3 +130,11 @@ def test_non_finite_batches_in_a_row_stop_training_with_finite_weights_and_an_er
     assert "non-finite (inf/NaN) on 3 consecutive steps (5 to 7)" in result["error"]
     assert "the data" in result["error"] and "weights are still finite" in result["error"]
     assert all(result["finite_params"].values()) and all(torch.isfinite(v).all() for v in result["params"].values())
+
+
+def test_a_diverging_run_is_named_with_the_settings_that_help(tmp_path: Path) -> None:
+    """No KL-clip, damping 1e-4 and lr 0.5: the loss explodes within a dozen steps."""
+    _, output = fit_logged(tmp_path, "run", "--devices", "1", "--limit-batches", "12", "--lr", "0.5",
+                           "--damping", "1e-4", "--no-kl-clip", "--max-consecutive-faults", "20")
+    assert output.count("training is diverging") == 1
+    assert "raise damping (now 0.0001), lower the learning rate" in output

@@ -7,7 +7,7 @@ Run as a subprocess (Lightning's launcher re-runs this command line for the othe
         [--clip 1e-3 --momentum 0 --lr 1] [--manual] [--num-nodes 2]
         [--hidden 256 --batch-size 8 --gather-rows 0] [--max-factor-dim 24] [--model frozen] [--strategy ddp]
         [--inf-rank 1 --inf-at-step 5 --inf-steps 3 --max-consecutive-faults 3] [--mode dkfac]
-        [--ddp-comm-hook] [--damping-on-rank-1 0.05] [--limit-batches 20]
+        [--ddp-comm-hook] [--damping-on-rank-1 0.05] [--limit-batches 20] [--damping 1e-4 --no-kl-clip]
 
 Rank 0 writes ``--out``: final parameters, per-step training losses, every rank's K-FAC factors as they
 were right after the checkpoint was restored (before any training step), the factor dtype, the number of
@@ -197,6 +197,8 @@ def main() -> None:
     p.add_argument("--max-consecutive-faults", type=int, default=5)
     p.add_argument("--mode", choices=["dpkfac", "dkfac"], default="dpkfac")
     p.add_argument("--ddp-comm-hook", action="store_true")
+    p.add_argument("--damping", type=float, default=1e-2)
+    p.add_argument("--no-kl-clip", action="store_true")
     p.add_argument("--damping-on-rank-1", type=float, default=None)
     p.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (default: all)")
     args = p.parse_args()
@@ -213,9 +215,10 @@ def main() -> None:
     else:
         # Lightning's launcher starts rank 1 with LOCAL_RANK=1 in its environment (rank 0 has none).
         on_rank_1 = os.environ.get("LOCAL_RANK") == "1"
-        damping = args.damping_on_rank_1 if args.damping_on_rank_1 is not None and on_rank_1 else 1e-2
+        damping = args.damping_on_rank_1 if args.damping_on_rank_1 is not None and on_rank_1 else args.damping
         strategy = lightning_dpkfac.DPKFACStrategy(
-            damping=damping, inv_update_steps=7, gather_rows=bool(args.gather_rows), max_factor_dim=args.max_factor_dim,
+            damping=damping, kl_clip=None if args.no_kl_clip else 1e-3, inv_update_steps=7,
+            gather_rows=bool(args.gather_rows), max_factor_dim=args.max_factor_dim,
             max_consecutive_faults=args.max_consecutive_faults, mode=args.mode, timeout=timeout, **hook,
         )
     trainer = pl.Trainer(
