@@ -10,50 +10,64 @@ hyper-parameters) and steps them in turn, ABCABC..., rotating who goes first: ma
 is shared) hits every strategy alike. Peak memory needs a process per strategy: short single-strategy
 trials measure it.
 
-Step time (``--models``): ``--warmup`` steps, then ``--steps`` timed steps (forward, backward, K-FAC
-step, SGD step) per repetition; ``--reps`` repetitions in fresh processes. A fresh batch every step:
-synthetic tensors for the MLP and the Transformer, digits for the CNN. K-FAC uses ``--step-method``
-(default inverse). Every rank flushes denormal floats and keeps freed memory (``_tune_cpu_process``),
+K-FAC runs with the library defaults, ``KFACConfig()``, in every trial (step time and convergence), with
+``--kfac KEY=VALUE ...`` applied; the benchmark sets only ``mode`` (per strategy) and ``lr``.
+
+Step time (``--models``): every step counted, over whole K-FAC cycles of ``lcm(factor_update_steps,
+inv_update_steps)`` steps (:func:`cycle_steps`): ``--warmup-cycles`` untimed cycles, then ``--cycles``
+timed cycles (forward, backward, K-FAC step, SGD step) per repetition, so every timed window starts where
+a decomposition interval does and holds each layer's decompositions in proportion; each model's own
+number of repetitions (``--reps``), in fresh processes. A fresh batch every step: synthetic tensors, or
+digits for the CNN. Every rank flushes denormal floats and keeps freed memory (``_tune_cpu_process``),
 whatever the strategy.
 Convergence (``--tasks``): DDP-SGD, DDP-Adam, dkfac and dpkfac (SGD with momentum plus K-FAC) trained
 side by side on digits (CNN, target 97%) and MNIST-1D (1-D CNN, target 90%), accuracy on the test split
 (``--eval-split val`` for choosing hyper-parameters) every ``--eval-every`` steps and at the end of every
 epoch, for each of ``--seeds``; training time is the sum of the strategy's own step times (evaluation and
-data loading excluded). K-FAC there uses the step-time settings with ``--train-kfac`` applied.
+data loading excluded).
 
 Outputs in ``--out``: ``results.json``, ``results.md`` (tables and the performance goals), and the plots
 ``step_time.png`` (breakdown bars), ``bytes.png`` (bytes per step by kind), ``accuracy.png`` (accuracy
 vs training wall time).
 
-``results.json`` schema (``"schema": "lightning_dpkfac.tools.bench/1"``; times in seconds, sizes in bytes):
+``results.json`` schema (``"schema": "lightning_dpkfac.tools.bench/2"``; times in seconds, sizes in bytes):
 
 - ``machine``: ``platform``, ``cpu_count``, ``torch``, ``backend`` ("gloo"/"nccl"), ``device``,
   ``world_size``, ``loadavg_start`` and ``loadavg_end`` (the 1, 5 and 15-minute load averages: other
   work on the machine inflates every time alike).
-- ``config``: the command-line arguments.
-- ``step_time[model]``: ``shapes`` (``layers``, ``covered_params`` N, ``other_params`` N_o), and
-  ``strategies[s]`` for s in ddp, dkfac, dpkfac:
-  ``step_s`` {``median``, ``mean``, ``p10``, ``p90``} of the per-step wall time (averaged over ranks,
-  which wait for each other in the collectives; all repetitions pooled); ``ratio_to_ddp``: median over
-  DDP-SGD's median;
+- ``config``: the command-line arguments (``kfac_overrides``: ``--kfac`` as a dict), and ``kfac``: the
+  K-FAC settings in force, every ``KFACConfig`` field but ``mode`` and ``lr`` (set per strategy);
+  ``kfac_settings``: "library defaults", or "library defaults with --kfac KEY=VALUE ..."; ``cycle_steps``:
+  the steps of one cycle.
+- ``step_time[model]``: ``batch_size`` (per rank) and ``reps``; ``shapes`` (``layers``, ``covered_params``
+  N, ``other_params`` N_o); and ``strategies[s]`` for s in ddp, dkfac, dpkfac:
+  ``per_step``: per repetition, per timed step {``step`` (wall time), and the phases below}, averaged
+  over ranks (which wait for each other in the collectives); the window's first step starts a cycle;
+  ``step_s`` {``mean``, ``median``, ``p95``, ``max``, ``p10``, ``p90``} of those per-step wall times, all
+  repetitions pooled; ``ratio_to_ddp``: mean over DDP-SGD's mean (the headline: decomposition steps
+  included); ``median_ratio_to_ddp``; ``max_over_median``: the largest step over the strategy's own
+  median (a stall: a decomposition step that holds up training);
   ``phases_s``: mean seconds per step, averaged over ranks, that add up to the mean step time:
   ``forward_backward`` (including DDP's gradient communication, excluding factor capture),
-  ``factor`` (capture hooks and running averages), ``inverse``, ``precondition``, ``comm`` (waiting for
-  K-FAC collectives), ``optimizer``, ``other`` (the rest of ``KFACPreconditioner.step``);
+  ``factor`` (capture hooks and running averages), ``inverse`` (decompositions: 0 on a step without),
+  ``precondition``, ``comm`` (waiting for K-FAC collectives), ``optimizer``, ``other`` (the rest of
+  ``KFACPreconditioner.step``);
   ``bytes_per_step`` {kind: bytes} measured by the engine's counters (rank 0; every rank counts the
   same) and ``bytes_per_step_predicted`` by :mod:`lightning_dpkfac.tools.plan` for the same steps;
   ``state_bytes``: per rank {``factors``, ``decompositions``, ``capture``} (``capture``: the batch-factor
   accumulators held between backward and ``step()``; K-FAC captures no activations beyond them);
   ``peak_rss_bytes`` and ``rss_growth_bytes`` per rank (peak resident memory of the single-strategy
-  trial, and its growth during that trial); ``load_imbalance`` (max/mean owner cost, null for ddp); ``owners``;
+  trial of one cycle and one step, and its growth during that trial); ``load_imbalance`` (max/mean owner
+  cost, null for ddp); ``owners``;
   ``blocks`` (with ``--block-dim``): ``max_factor_dim``, ``layers`` (blocks), and ``strategies[s]`` for s in
   dkfac, dpkfac: ``state_bytes`` per rank and ``load_imbalance`` with layers split by
   ``max_factor_dim=--block-dim`` (default ``auto``).
-- ``convergence[task]``: ``target`` accuracy, ``split`` ("test" or "val") and ``eval_every``; ``runs[s]``:
-  per seed {``seed``, ``curve`` [[epochs done (fractional), train_s, accuracy], ...], ``time_to_target_s``,
-  ``epochs_to_target`` (fractional; null if never reached), ``final_acc``}; ``summary[s]``:
-  {``time_to_target_s``, ``epochs_to_target``, ``final_acc``} each {``median``, ``min``, ``max``} over the
-  seeds (a seed that never reached the target counts as infinite: null), and ``reached`` ("k/n").
+- ``convergence[task]``: ``target`` accuracy, ``split`` ("test" or "val"), ``eval_every`` and ``batch_size``
+  (per rank); ``runs[s]``: per seed {``seed``, ``curve`` [[epochs done (fractional), train_s, accuracy],
+  ...], ``time_to_target_s``, ``epochs_to_target`` (fractional; null if never reached), ``final_acc``};
+  ``summary[s]``: {``time_to_target_s``, ``epochs_to_target``, ``final_acc``} each {``median``, ``min``,
+  ``max``} over the seeds (a seed that never reached the target counts as infinite: null), and ``reached``
+  ("k/n").
 - ``paper_ratios[model]``: dkfac over dpkfac per rank and step, the paper's three figures:
   ``computation`` (factor + inverse + precondition seconds), ``communication`` (bytes), ``kfac_memory``
   (largest per-rank K-FAC state) and ``peak_rss`` (``bench_report.paper_ratios``).
@@ -72,7 +86,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +100,19 @@ from lightning_dpkfac.tools import models
 from lightning_dpkfac.tools.bench_report import PHASES, evaluate_goals, paper_ratios, write_markdown, write_plots
 from lightning_dpkfac.distributed.comm import KINDS, Communicator
 from lightning_dpkfac.distributed.router import counting_all_reduce_hook
-from lightning_dpkfac.core.config import KFACConfig, unknown_key_message
+from lightning_dpkfac.core.config import FIELDS, KFACConfig, unknown_key_message
 from lightning_dpkfac.tools.data import DigitsDataModule, MNIST1DDataModule
 from lightning_dpkfac.tools.plan import max_factor_dim_arg, predict_bytes, shapes_of
 from lightning_dpkfac.core.preconditioner import KFACPreconditioner
 from lightning_dpkfac.tools.ranks import run_ranks
 
-SCHEMA = "lightning_dpkfac.tools.bench/1"
+SCHEMA = "lightning_dpkfac.tools.bench/2"
 STEP_STRATEGIES = ("ddp", "dkfac", "dpkfac")
 TRAIN_STRATEGIES = ("sgd", "adam", "dkfac", "dpkfac")
+#: KFACConfig fields the benchmark sets itself: ``mode`` per strategy, ``lr`` from ``--lr`` or ``--kfac-lr``.
+PER_STRATEGY = ("mode", "lr")
+#: Seconds a trial may take before its ranks count as hung (a ResNet-18 step-time trial takes minutes on CPU).
+TRIAL_TIMEOUT_S = 1800.0
 
 
 # ---------------------------------------------------------------------------------- models and data
@@ -104,17 +122,30 @@ def _transformer() -> nn.Module:
                                          dim_feedforward=512)
 
 
-#: name -> (network factory, input shape of one example or "digits"): the step-time models.
-STEP_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...] | str]] = {
-    "mlp": (lambda: models.mlp(784, (512, 512), 10), (784,)),
-    "cnn": (models.cnn, "digits"),
-    "transformer": (_transformer, (16 * 32,)),
+@dataclass(frozen=True)
+class StepModel:
+    """A step-time model: its network, one example's input (the shape of synthetic normal values, or
+    "digits"), and its own batch size per rank and repetitions (``--batch-size`` and ``--reps`` override them)."""
+
+    make: Callable[[], nn.Module]
+    example: tuple[int, ...] | str
+    batch_size: int = 64
+    reps: int = 3
+
+
+STEP_MODELS: dict[str, StepModel] = {
+    "mlp": StepModel(lambda: models.mlp(784, (512, 512), 10), (784,)),
+    "cnn": StepModel(models.cnn, "digits"),
+    "transformer": StepModel(_transformer, (16 * 32,)),
+    "cifar_cnn": StepModel(models.cifar_cnn, (3, 32, 32)),
+    # Its decomposition steps take many seconds on a CPU: one repetition keeps the default run short.
+    "resnet18": StepModel(models.resnet18, (3, 32, 32), batch_size=32, reps=1),
 }
 
 
 def _step_batches(model: str, batch_size: int, rank: int, seed: int, count: int) -> list[tuple[Tensor, Tensor]]:
     """``count`` batches of ``batch_size`` examples for ``rank`` (different on every rank)."""
-    _, source = STEP_MODELS[model]
+    source = STEP_MODELS[model].example
     if source == "digits":
         data = DigitsDataModule(batch_size=batch_size, seed=seed)
         data.setup()
@@ -134,32 +165,23 @@ TASKS: dict[str, tuple[Callable[[int], Any], Callable[[], nn.Module]]] = {
     "digits": (lambda batch_size: DigitsDataModule(batch_size=batch_size), models.cnn),
     "mnist1d": (lambda batch_size: MNIST1DDataModule(batch_size=batch_size), models.cnn1d),
 }
+#: Examples per rank and step of the convergence tasks, unless ``--batch-size`` is given.
+TASK_BATCH_SIZE = 64
 
 
 # ---------------------------------------------------------------------------------- trials
-@dataclass(frozen=True)
-class KFACSettings:
-    """The K-FAC hyper-parameters shared by dkfac and dpkfac in every trial."""
-
-    damping: float = 0.1
-    factor_decay: float = 0.95
-    kl_clip: float = 1e-3
-    factor_update_steps: int = 1
-    inv_update_steps: int = 10
-    method: str = "inverse"
-    max_factor_dim: int | str | None = None
-
-
-KFAC_FIELDS = tuple(f.name for f in fields(KFACSettings))
-#: The convergence trials' K-FAC settings where they differ from KFACSettings' defaults (how they were
-#: chosen on the validation split: docs/benchmark_tuning.md).
-TRAIN_KFAC = ("factor_update_steps=2", "inv_update_steps=4", "factor_decay=0.9")
+def cycle_steps(config: KFACConfig) -> int:
+    """Steps of one K-FAC cycle, ``lcm(factor_update_steps, inv_update_steps)``: the schedule of factor
+    updates and decompositions repeats after it, so a window of whole cycles that starts on a multiple
+    of it holds every layer's decompositions in proportion."""
+    return math.lcm(config.factor_update_steps, config.inv_update_steps)
 
 
 @dataclass(frozen=True)
 class StepTrial:
     """Step-time measurement of ``strategies`` (in ``STEP_STRATEGIES``) on model ``model``, their steps
-    interleaved in one process per rank (a single strategy: a memory measurement)."""
+    interleaved in one process per rank (a single strategy: a memory measurement): ``warmup`` untimed
+    steps, then ``steps`` timed ones."""
 
     model: str
     strategies: tuple[str, ...]
@@ -168,7 +190,7 @@ class StepTrial:
     steps: int
     seed: int
     lr: float
-    kfac: KFACSettings
+    kfac: KFACConfig
 
 
 @dataclass(frozen=True)
@@ -185,7 +207,7 @@ class TrainTrial:
     lr: float
     adam_lr: float
     kfac_lr: float
-    kfac: KFACSettings
+    kfac: KFACConfig
     eval_every: int
     split: str
 
@@ -201,10 +223,10 @@ def _sync(device: torch.device) -> None:
 
 class Contender:
     """One strategy on this rank: its own model (seeded), DDP wrapper with counted gradient traffic,
-    engine (dkfac, dpkfac) and optimizer: Adam with ``lr`` for "adam", SGD with momentum 0.9 and ``lr``
-    otherwise (K-FAC's KL-clip reads the same ``lr``)."""
+    engine (dkfac, dpkfac: ``kfac`` with ``mode`` the strategy) and optimizer: Adam with ``lr`` for "adam",
+    SGD with momentum 0.9 and ``lr`` otherwise (K-FAC's KL-clip reads the same ``lr``)."""
 
-    def __init__(self, strategy: str, make_net: Callable[[], nn.Module], kfac: KFACSettings, lr: float,
+    def __init__(self, strategy: str, make_net: Callable[[], nn.Module], kfac: KFACConfig, lr: float,
                  seed: int, device: torch.device) -> None:
         self.strategy, self.device = strategy, device
         torch.manual_seed(seed)
@@ -212,7 +234,7 @@ class Contender:
         self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.pre: KFACPreconditioner | None = None
         if strategy in ("dkfac", "dpkfac"):
-            self.pre = KFACPreconditioner(self.model, mode=strategy, lr=lr, **asdict(kfac))
+            self.pre = KFACPreconditioner(self.model, kfac.replace(mode=strategy, lr=lr))
             self.pre.register_ddp_comm_hook(self.ddp)
             self.comm = self.pre.comm
         else:
@@ -280,7 +302,7 @@ def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
     _tune_cpu_process()
     rss_start = _rss_bytes()
     device = _device(rank)
-    make_net, _ = STEP_MODELS[trial.model]
+    make_net = STEP_MODELS[trial.model].make
     contenders = [Contender(s, make_net, trial.kfac, trial.lr, trial.seed, device) for s in trial.strategies]
     # A fresh batch every step: a few batches repeated would be memorised, and the vanishing gradients
     # (denormal floats) would slow every matrix product of the fastest learner many times over on CPU (docs/benchmarks.md).
@@ -369,10 +391,13 @@ def _tune_cpu_process() -> None:
 
 
 # ---------------------------------------------------------------------------------- aggregation
-def _spread(values: Sequence[float]) -> dict[str, float]:
+def _step_spread(values: Sequence[float]) -> dict[str, float]:
+    """``mean``, ``median``, ``p95``, ``max``, ``p10`` and ``p90`` of per-step times (percentiles
+    interpolated between the measured values, never beyond them)."""
     ordered = sorted(values)
-    q = statistics.quantiles(ordered, n=10) if len(ordered) > 1 else [ordered[0]] * 9
-    return {"median": statistics.median(ordered), "mean": statistics.fmean(ordered), "p10": q[0], "p90": q[-1]}
+    q = statistics.quantiles(ordered, n=20, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 19
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p95": q[18],
+            "max": ordered[-1], "p10": q[1], "p90": q[17]}
 
 
 def summarize_step_trials(
@@ -386,36 +411,40 @@ def summarize_step_trials(
     pooled: dict[str, dict[str, dict[str, Any]]] = {}
     for trial, ranks in timing:
         for strategy in trial.strategies:
-            entry = pooled.setdefault(trial.model, {}).setdefault(strategy, {"steps": [], "phases": []})
+            entry = pooled.setdefault(trial.model, {}).setdefault(strategy, {"reps": []})
             per_rank = [r["strategies"][strategy] for r in ranks]
-            for i in range(trial.steps):
-                entry["steps"].append(statistics.fmean(r["per_step"][i]["step"] for r in per_rank))
-                entry["phases"].append({p: statistics.fmean(r["per_step"][i][p] for r in per_rank) for p in PHASES})
+            entry["reps"].append([{k: statistics.fmean(r["per_step"][i][k] for r in per_rank)
+                                   for k in ("step", *PHASES)} for i in range(trial.steps)])
             entry.update(trial=trial, last=per_rank)
     rss = {(t.model, t.strategies[0]): ranks for t, ranks in memory}
     split_state = {(t.model, t.strategies[0]): (t.kfac.max_factor_dim, ranks) for t, ranks in blocks}
     out: dict[str, Any] = {}
     for model, strategies in pooled.items():
-        make_net, _ = STEP_MODELS[model]
         example = _step_batches(model, 2, 0, 0, count=1)[0][0]
-        kfac = next(iter(strategies.values()))["trial"].kfac
-        shapes = shapes_of(make_net(), example_input=example, max_factor_dim=kfac.max_factor_dim,
-                           world_size=world_size, inv_update_steps=kfac.inv_update_steps)
-        ddp_median = statistics.median(strategies["ddp"]["steps"]) if "ddp" in strategies else None
+        first = next(iter(strategies.values()))
+        kfac = first["trial"].kfac
+        shapes = shapes_of(STEP_MODELS[model].make(), kfac.skip_layers, example_input=example,
+                           max_factor_dim=kfac.max_factor_dim, world_size=world_size,
+                           inv_update_steps=kfac.inv_update_steps)
+        steps = {s: [step["step"] for rep in entry["reps"] for step in rep] for s, entry in strategies.items()}
+        ddp_mean = statistics.fmean(steps["ddp"]) if "ddp" in steps else None
+        ddp_median = statistics.median(steps["ddp"]) if "ddp" in steps else None
         section: dict[str, Any] = {}
         for strategy, entry in strategies.items():
             trial, last = entry["trial"], entry["last"]
-            every = trial.kfac.factor_update_steps
-            kw = dict(factor_update_steps=every, inv_update_steps=trial.kfac.inv_update_steps, method=trial.kfac.method,
-                      batch_size=trial.batch_size)
+            kw = dict(factor_update_steps=kfac.factor_update_steps, inv_update_steps=kfac.inv_update_steps,
+                      method=kfac.method, batch_size=trial.batch_size, gather_rows=kfac.gather_rows)
             end = predict_bytes(shapes, world_size, strategy, steps=trial.warmup + trial.steps, **kw)
             begin = predict_bytes(shapes, world_size, strategy, steps=trial.warmup, **kw)
-            step = _spread(entry["steps"])
+            step = _step_spread(steps[strategy])
             mem = rss.get((model, strategy))
             section[strategy] = {
+                "per_step": entry["reps"],
                 "step_s": step,
-                "ratio_to_ddp": step["median"] / ddp_median if ddp_median else None,
-                "phases_s": {p: statistics.fmean(ph[p] for ph in entry["phases"]) for p in PHASES},
+                "ratio_to_ddp": step["mean"] / ddp_mean if ddp_mean else None,
+                "median_ratio_to_ddp": step["median"] / ddp_median if ddp_median else None,
+                "max_over_median": step["max"] / step["median"],
+                "phases_s": {p: statistics.fmean(s[p] for rep in entry["reps"] for s in rep) for p in PHASES},
                 "bytes_per_step": last[0]["bytes"],
                 "bytes_per_step_predicted": {k: (end[k] - begin[k]) / trial.steps for k in KINDS},
                 "state_bytes": [r["state"] for r in last],
@@ -425,6 +454,8 @@ def summarize_step_trials(
                 "owners": last[0]["owners"],
             }
         out[model] = {
+            "batch_size": first["trial"].batch_size,
+            "reps": len(first["reps"]),
             "shapes": {"layers": len(shapes.layers), "covered_params": shapes.covered_params,
                        "other_params": shapes.other_params},
             "strategies": section,
@@ -462,7 +493,8 @@ def summarize_train_trials(trials: Sequence[tuple[TrainTrial, list[dict[str, Any
     out: dict[str, Any] = {}
     for trial, ranks in trials:
         task = out.setdefault(trial.task, {"target": targets[trial.task], "split": trial.split,
-                                           "eval_every": trial.eval_every, "runs": {}, "summary": {}})
+                                           "eval_every": trial.eval_every, "batch_size": trial.batch_size,
+                                           "runs": {}, "summary": {}})
         for strategy, curve in ranks[0]["curves"].items():
             hit = _first_reaching(curve, task["target"])
             task["runs"].setdefault(strategy, []).append({
@@ -490,12 +522,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output directory")
     p.add_argument("--world-size", type=int, default=2, help="ranks per trial (one GPU each on CUDA)")
-    p.add_argument("--models", nargs="*", default=list(STEP_MODELS), choices=list(STEP_MODELS),
-                   help="step time: the models timed")
-    p.add_argument("--batch-size", type=int, default=64, help="examples per rank and step")
-    p.add_argument("--warmup", type=int, default=5, help="step time: untimed steps before the timed ones")
-    p.add_argument("--steps", type=int, default=40, help="step time: timed steps per repetition")
-    p.add_argument("--reps", type=int, default=3, help="step time: repetitions of the ABC strategy cycle")
+    p.add_argument("--models", nargs="*", default=None, choices=list(STEP_MODELS),
+                   help="step time: the models timed; None: all (--quick: mlp)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per rank and step of every trial; None: each step-time model's own (" +
+                        ", ".join(f"{m} {s.batch_size}" for m, s in STEP_MODELS.items()) +
+                        f"), {TASK_BATCH_SIZE} for the convergence tasks")
+    p.add_argument("--kfac", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="kfac_overrides",
+                   help="K-FAC settings of every trial where they differ from the library defaults, KFACConfig(): "
+                        "any field but mode and lr; VALUE an int, a float, None, True, False or a string")
+    p.add_argument("--warmup-cycles", type=int, default=1,
+                   help="step time: untimed K-FAC cycles (lcm(factor_update_steps, inv_update_steps) steps each) "
+                        "before the timed ones; >= 1, since step 0 decomposes every layer")
+    p.add_argument("--cycles", type=int, default=2, help="step time: timed K-FAC cycles per repetition")
+    p.add_argument("--reps", type=int, default=None,
+                   help="step time: repetitions, each in fresh processes; None: each model's own (" +
+                        ", ".join(f"{m} {s.reps}" for m, s in STEP_MODELS.items()) + ")")
+    p.add_argument("--block-dim", type=block_dim_arg, default="auto",
+                   help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM ('auto': split "
+                        "only the layers above the ranks' fair share; 0: not; skipped under --kfac max_factor_dim=...)")
     p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS), help="convergence: the tasks")
     p.add_argument("--seeds", nargs="*", type=int, default=list(range(10)),
                    help="convergence: one run per seed (its weights and data order); 97%% on 360 test digits sits on "
@@ -505,28 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (DDP-SGD; step time: all)")
     p.add_argument("--adam-lr", type=float, default=1e-2, help="DDP-Adam learning rate (convergence)")
     p.add_argument("--kfac-lr", type=float, default=0.1, help="dkfac and dpkfac learning rate (convergence)")
-    p.add_argument("--damping", type=float, default=0.1,
-                   help="K-FAC damping; the inverse method adds it to each factor, so where both factors are small "
-                        "the Kronecker product gets damping^2 (use ~1e-2 with --step-method eigen)")
-    p.add_argument("--factor-update-steps", type=int, default=1, help="K-FAC: build factors every this many steps")
-    p.add_argument("--inv-update-steps", type=int, default=10,
-                   help="K-FAC: decompose the factors every this many steps")
-    p.add_argument("--max-factor-dim", type=max_factor_dim_arg, default=None,
-                   help="KFACConfig.max_factor_dim of every K-FAC trial: an integer >= 2 or 'auto'; None: whole "
-                        "layers")
-    p.add_argument("--block-dim", type=block_dim_arg, default="auto",
-                   help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM ('auto': split "
-                        "only the layers above the ranks' fair share; 0: not; skipped under --max-factor-dim)")
-    p.add_argument("--step-method", choices=["eigen", "inverse"], default="inverse",
-                   help="K-FAC decomposition of the step-time trials (why inverse: docs/benchmarks.md)")
-    p.add_argument("--train-kfac", nargs="*", metavar="KEY=VALUE", default=list(TRAIN_KFAC),
-                   help="K-FAC settings of the convergence trials where they differ from the step-time trials' "
-                        "(KFACSettings fields; the defaults were chosen on the validation split: docs/benchmark_tuning.md)")
     p.add_argument("--eval-every", type=int, default=5, help="convergence: evaluate every this many steps (and at "
                    "the end of every epoch)")
     p.add_argument("--eval-split", choices=["test", "val"], default="test",
                    help="convergence: the split whose accuracy is reported (val: for choosing hyper-parameters)")
-    p.add_argument("--quick", action="store_true", help="a smoke run for CI: fewer steps, epochs and seeds")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run for CI: one warm-up and one timed cycle, one repetition, one seed, 3 epochs, "
+                        "mlp unless --models is given, --kfac inv_update_steps=2 unless given")
     return p
 
 
@@ -536,20 +566,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         p.error(f"--world-size={args.world_size} needs one GPU per rank; found {torch.cuda.device_count()}.")
-    if args.eval_every < 1:
-        p.error(f"--eval-every={args.eval_every} is invalid: it must be >= 1.")
+    for name in ("eval_every", "warmup_cycles", "cycles", "batch_size", "reps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')}={value} is invalid: it must be >= 1.")
     try:
-        args.train_kfac = parse_overrides(args.train_kfac)
+        args.kfac_overrides = parse_kfac_overrides(args.kfac_overrides)
+        if args.quick:
+            args.kfac_overrides.setdefault("inv_update_steps", 2)
+        kfac_config(args)  # the engine's own checks
     except ValueError as error:
-        p.error(str(error))
-    # The engine's own checks, before any trial starts.
-    for what, settings in (("the K-FAC flags", step_settings), ("--train-kfac on the K-FAC flags", train_settings)):
-        try:
-            KFACConfig(**asdict(settings(args)))
-        except ValueError as error:
-            p.error(f"{what}: {error}")
+        p.error(f"argument --kfac: {error}")
+    if args.models is None:
+        args.models = ["mlp"] if args.quick else list(STEP_MODELS)
     if args.quick:
-        args.warmup, args.steps, args.reps, args.seeds = 2, 10, 1, args.seeds[:1]
+        args.warmup_cycles, args.cycles, args.reps, args.seeds = 1, 1, 1, args.seeds[:1]
         args.epochs = args.epochs or 3
     return args
 
@@ -559,73 +590,88 @@ TARGETS = {"digits": 0.97, "mnist1d": 0.90}
 
 
 def block_dim_arg(text: str) -> int | str:
-    """``--block-dim``: 0 (no block trials), or a ``--max-factor-dim`` value."""
+    """``--block-dim``: 0 (no block trials), or a ``KFACConfig.max_factor_dim`` value."""
     return 0 if text == "0" else max_factor_dim_arg(text)
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["factor_update_steps=2", ...]`` (``--train-kfac``) as ``{"factor_update_steps": 2, ...}``: keys are
-    :class:`KFACSettings` fields, values ints, floats, ``None`` or strings. Raises ``ValueError`` naming
-    an unknown key or an item without ``=``."""
+def parse_kfac_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["inv_update_steps=2", "method=inverse", ...]`` (``--kfac``) as ``{"inv_update_steps": 2, "method":
+    "inverse", ...}``: keys are :class:`KFACConfig` fields but ``mode`` and ``lr``; a value is read as an int,
+    a float, ``None``, ``True``, ``False``, or else kept as a string. Raises ``ValueError`` naming an unknown
+    or per-strategy key, or an item without ``=`` (the values are the engine's to check)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"--train-kfac: '{item}' is not KEY=VALUE")
-        if key not in KFAC_FIELDS:
-            raise ValueError("--train-kfac: " + unknown_key_message(key, KFAC_FIELDS, "KFACSettings"))
-        value: Any = text
-        for convert in (int, float):
-            try:
-                value = convert(text)
-                break
-            except ValueError:
-                continue
-        out[key] = None if text == "None" else value
+            raise ValueError(f"'{item}' is not KEY=VALUE")
+        if key in PER_STRATEGY:
+            raise ValueError(f"'{key}' is set by the benchmark for each strategy")
+        if key not in FIELDS:
+            raise ValueError(unknown_key_message(key, FIELDS, "KFACConfig"))
+        out[key] = _value(text)
     return out
 
 
-def step_settings(args: argparse.Namespace) -> KFACSettings:
-    """The K-FAC settings of the step-time trials, from the command line."""
-    return KFACSettings(damping=args.damping, factor_update_steps=args.factor_update_steps,
-                        inv_update_steps=args.inv_update_steps, method=args.step_method,
-                        max_factor_dim=args.max_factor_dim)
+def _value(text: str) -> Any:
+    """``text`` as an int, a float, None, True or False where it reads as one; else ``text`` itself."""
+    constants = {"None": None, "True": True, "False": False}
+    if text in constants:
+        return constants[text]
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            continue
+    return text
 
 
-def train_settings(args: argparse.Namespace) -> KFACSettings:
-    """The K-FAC settings of the convergence trials: the step-time ones with ``--train-kfac`` applied."""
-    return KFACSettings(**{**asdict(step_settings(args)), **args.train_kfac})
+def kfac_config(args: argparse.Namespace) -> KFACConfig:
+    """The K-FAC settings of every trial: the library defaults with ``--kfac`` applied."""
+    return KFACConfig().replace(**args.kfac_overrides)
+
+
+def kfac_settings(overrides: dict[str, Any]) -> str:
+    """How ``results.json`` and ``results.md`` name the K-FAC settings in force."""
+    given = " ".join(f"{k}={v}" for k, v in overrides.items())
+    return f"library defaults with --kfac {given}" if given else "library defaults"
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every trial and write the outputs; return the results."""
-    kfac, kfac_train = step_settings(args), train_settings(args)
-    # Unless every trial splits already (--max-factor-dim), K-FAC state is also measured with blocks.
-    splits = args.block_dim and args.max_factor_dim is None
-    kfac_blocks = KFACSettings(**{**asdict(kfac), "max_factor_dim": args.block_dim}) if splits else None
+    kfac = kfac_config(args)
+    cycle = cycle_steps(kfac)
+    # Unless --kfac sets max_factor_dim for every trial, K-FAC state is also measured with blocks.
+    splits = args.block_dim and "max_factor_dim" not in args.kfac_overrides
+    kfac_blocks = kfac.replace(max_factor_dim=args.block_dim) if splits else None
     load_start = os.getloadavg()
 
     def trials(items: list[Any], worker: Callable[..., Any], what: Callable[[Any], str]) -> list[tuple[Any, Any]]:
         done = []
         for i, trial in enumerate(items):
             log(f"[{i + 1}/{len(items)}] {what(trial)}")
-            done.append((trial, run_ranks(worker, args.world_size, trial, timeout=600.0)))
+            done.append((trial, run_ranks(worker, args.world_size, trial, timeout=TRIAL_TIMEOUT_S)))
         return done
 
-    timing = trials([StepTrial(m, STEP_STRATEGIES, args.batch_size, args.warmup, args.steps, rep, args.lr, kfac)
-                     for m in args.models for rep in range(args.reps)],
+    def batch_size(model: str) -> int:
+        return args.batch_size or STEP_MODELS[model].batch_size
+
+    timing = trials([StepTrial(m, STEP_STRATEGIES, batch_size(m), args.warmup_cycles * cycle, args.cycles * cycle,
+                               rep, args.lr, kfac)
+                     for m in args.models for rep in range(args.reps or STEP_MODELS[m].reps)],
                     step_worker, lambda t: f"step time: {t.model}, repetition {t.seed}")
-    # Peak memory needs a process per strategy; one inversion and two factor updates are enough.
-    memory = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac)
+    # Peak memory needs a process per strategy; one cycle and one step hold every decomposition and the
+    # factor updates around them.
+    memory = trials([StepTrial(m, (s,), batch_size(m), 0, cycle + 1, 0, args.lr, kfac)
                      for m in args.models for s in STEP_STRATEGIES],
                     step_worker, lambda t: f"peak memory: {t.model}, {t.strategies[0]}")
     # K-FAC state with layers split by max_factor_dim=--block-dim: how far blocks balance memory.
-    blocks = trials([StepTrial(m, (s,), args.batch_size, 0, args.inv_update_steps + 1, 0, args.lr, kfac_blocks)
+    blocks = trials([StepTrial(m, (s,), batch_size(m), 0, cycle + 1, 0, args.lr, kfac_blocks)
                      for m in args.models for s in ("dkfac", "dpkfac")] if kfac_blocks is not None else [],
                     step_worker, lambda t: f"K-FAC state with max_factor_dim={t.kfac.max_factor_dim}: "
                                            f"{t.model}, {t.strategies[0]}")
-    training = trials([TrainTrial(t, TRAIN_STRATEGIES, seed, args.epochs or EPOCHS[t], args.batch_size, args.lr,
-                                  args.adam_lr, args.kfac_lr, kfac_train, args.eval_every, args.eval_split)
+    training = trials([TrainTrial(t, TRAIN_STRATEGIES, seed, args.epochs or EPOCHS[t],
+                                  args.batch_size or TASK_BATCH_SIZE, args.lr, args.adam_lr, args.kfac_lr, kfac,
+                                  args.eval_every, args.eval_split)
                        for t in args.tasks for seed in args.seeds],
                       train_worker, lambda t: f"convergence: {t.task}, seed {t.seed}")
     results: dict[str, Any] = {
@@ -640,7 +686,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
         },
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "config": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "kfac": {k: v for k, v in asdict(kfac).items() if k not in PER_STRATEGY},
+            "kfac_settings": kfac_settings(args.kfac_overrides),
+            "cycle_steps": cycle,
+        },
         "step_time": summarize_step_trials(timing, memory, args.world_size, blocks),
         "convergence": summarize_train_trials(training, TARGETS),
     }

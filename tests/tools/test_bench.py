@@ -3,30 +3,67 @@
 from __future__ import annotations
 
 import json
+import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from lightning_dpkfac.tools.bench import _median_spread, main, parse_args
+from lightning_dpkfac.core.config import KFACConfig
+from lightning_dpkfac.tools.bench import PER_STRATEGY, _median_spread, main, parse_args
 from lightning_dpkfac.distributed.assignment import LayerShape, layer_cost
 from lightning_dpkfac.distributed.comm import KINDS
+
+#: The tiny run's K-FAC cycle: a decomposition interval of 3 steps, factors every step.
+CYCLE = 3
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bench")
-    main(["--out", str(out), "--models", "mlp", "--tasks", "digits", "--batch-size", "16", "--warmup", "1",
-          "--steps", "4", "--reps", "1", "--seeds", "0", "--epochs", "1", "--inv-update-steps", "2"])
+    main(["--out", str(out), "--models", "mlp", "--tasks", "digits", "--batch-size", "16", "--warmup-cycles", "1",
+          "--cycles", "2", "--reps", "2", "--seeds", "0", "--epochs", "1",
+          "--kfac", f"inv_update_steps={CYCLE}", "factor_update_steps=1"])
     return out, json.loads((out / "results.json").read_text())
 
 
 def test_writes_results_json_markdown_and_plots(tiny_run) -> None:
     out, results = tiny_run
-    assert results["schema"] == "lightning_dpkfac.tools.bench/1"
+    assert results["schema"] == "lightning_dpkfac.tools.bench/2"
     for name in ("results.md", "step_time.png", "bytes.png", "accuracy.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
     assert "## Step time: mlp" in md and "## Convergence: digits" in md and "## Performance goals" in md
+
+
+def test_the_trials_use_the_library_defaults_with_the_kfac_overrides_applied(tiny_run) -> None:
+    out, results = tiny_run
+    expected = asdict(KFACConfig(inv_update_steps=CYCLE, factor_update_steps=1))
+    assert results["config"]["kfac"] == {k: v for k, v in expected.items() if k not in PER_STRATEGY}
+    assert results["config"]["cycle_steps"] == CYCLE
+    settings = "library defaults with --kfac inv_update_steps=3 factor_update_steps=1"
+    assert results["config"]["kfac_settings"] == settings and settings in (out / "results.md").read_text()
+
+
+def test_without_kfac_overrides_the_trials_use_the_library_defaults(tmp_path: Path) -> None:
+    results = main(["--out", str(tmp_path), "--models", "--tasks"])  # no trials: the config alone
+    expected = {k: v for k, v in asdict(KFACConfig()).items() if k not in PER_STRATEGY}
+    assert results["config"]["kfac"] == expected and results["config"]["kfac_settings"] == "library defaults"
+    assert "K-FAC, in every trial: library defaults:" in (tmp_path / "results.md").read_text()
+
+
+def test_every_repetition_times_whole_cycles_that_start_where_a_decomposition_interval_does(tiny_run) -> None:
+    """2 timed cycles of 3 steps after one warm-up cycle: a layer's decompositions (the ``inverse`` phase)
+    fall on the same steps of every cycle, one of them on the window's first step."""
+    _, results = tiny_run
+    for name in ("dkfac", "dpkfac"):
+        for rep in results["step_time"]["mlp"]["strategies"][name]["per_step"]:
+            assert len(rep) == 2 * CYCLE, name
+            decomposing = {i for i, step in enumerate(rep) if step["inverse"] > 0}
+            first_cycle = {i for i in decomposing if i < CYCLE}
+            assert 0 in first_cycle and {i - CYCLE for i in decomposing - first_cycle} == first_cycle, (name, rep)
+    assert all(step["inverse"] == 0 for rep in results["step_time"]["mlp"]["strategies"]["ddp"]["per_step"]
+               for step in rep)
 
 
 def test_reports_every_strategy_with_its_step_time_and_memory(tiny_run) -> None:
@@ -48,18 +85,25 @@ def test_timed_phases_do_not_overlap_and_leave_little_untimed(tiny_run) -> None:
         assert max(phases, key=phases.get) != "other", (name, phases)
 
 
-def test_kfac_step_time_is_reported_as_a_ratio_to_ddp_sgds_median(tiny_run) -> None:
+def test_step_time_counts_every_step_its_ratio_to_ddp_is_of_means_and_stalls_are_max_over_median(tiny_run) -> None:
     _, results = tiny_run
     strategies = results["step_time"]["mlp"]["strategies"]
-    ddp_median = strategies["ddp"]["step_s"]["median"]
-    for name in ("dkfac", "dpkfac"):
-        assert strategies[name]["ratio_to_ddp"] == pytest.approx(strategies[name]["step_s"]["median"] / ddp_median)
+    steps = {name: [step["step"] for rep in s["per_step"] for step in rep] for name, s in strategies.items()}
+    for name, s in strategies.items():
+        assert len(steps[name]) == 2 * 2 * CYCLE, name  # 2 repetitions pooled
+        assert s["step_s"]["mean"] == pytest.approx(statistics.fmean(steps[name])), name
+        assert s["step_s"]["max"] == max(steps[name]) and s["step_s"]["p95"] <= s["step_s"]["max"], name
+        assert s["ratio_to_ddp"] == pytest.approx(statistics.fmean(steps[name]) / statistics.fmean(steps["ddp"]))
+        assert s["median_ratio_to_ddp"] == pytest.approx(statistics.median(steps[name])
+                                                         / statistics.median(steps["ddp"]))
+        assert s["max_over_median"] == pytest.approx(max(steps[name]) / statistics.median(steps[name])), name
 
 
 def test_load_imbalance_is_the_owners_largest_load_over_the_mean(tiny_run) -> None:
-    """The MLP 784-512-512-10 on 2 ranks, decomposing every 2 steps: layer 0 alone on rank 0."""
+    """The MLP 784-512-512-10 on 2 ranks, decomposing every 3 steps: layer 0 alone on rank 0."""
     _, results = tiny_run
-    costs = [layer_cost(LayerShape(d_a, d_g), inv_update_steps=2) for d_a, d_g in ((785, 512), (513, 512), (513, 10))]
+    costs = [layer_cost(LayerShape(d_a, d_g), inv_update_steps=CYCLE)
+             for d_a, d_g in ((785, 512), (513, 512), (513, 10))]
     loads = [costs[0], costs[1] + costs[2]]
     strategies = results["step_time"]["mlp"]["strategies"]
     assert strategies["ddp"]["load_imbalance"] is None
@@ -110,7 +154,12 @@ def test_goals_are_listed_with_their_measured_value(tiny_run) -> None:
     goals = {g["goal"]: g for g in results["goals"]}
     factor_goal = goals["mlp: dpkfac factor bytes per step = 0"]
     assert factor_goal["value"] == 0.0 and factor_goal["met"]
-    assert "mlp: dpkfac median step time / DDP-SGD <= 2.0" in goals
+    dpkfac = results["step_time"]["mlp"]["strategies"]["dpkfac"]
+    assert goals["mlp: dpkfac mean step / DDP-SGD mean <= 2.0"]["value"] == dpkfac["ratio_to_ddp"]
+    assert goals["mlp: dpkfac max step / median step <= 4"]["value"] == dpkfac["max_over_median"]
+    reached = goals["digits: every dpkfac seed reaches 97%"]
+    assert reached["met"] == (reached["value"] == 1.0)
+    assert "digits: dpkfac median time to 97% / best of DDP-SGD, DDP-Adam <= 0.7" in goals
 
 
 def test_a_seed_that_never_reaches_the_target_counts_as_infinitely_slow() -> None:
@@ -127,32 +176,41 @@ def test_one_rank_reports_no_communication_ratio() -> None:
     assert ratios == {"computation": 1.0, "communication": None, "kfac_memory": 1.0, "peak_rss": None}
 
 
-@pytest.mark.parametrize("flags", [["--block-dim", "1"], ["--max-factor-dim", "1"], ["--max-factor-dim", "0"],
-                                   ["--block-dim", "automatic"]])
-def test_invalid_block_sizes_are_refused_before_any_trial(flags: list[str]) -> None:
+@pytest.mark.parametrize("flags", [["--block-dim", "1"], ["--block-dim", "automatic"], ["--cycles", "0"],
+                                   ["--warmup-cycles", "0"]])
+def test_invalid_windows_and_block_sizes_are_refused_before_any_trial(flags: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(flags)
 
 
 def test_block_sizes_take_auto_or_an_integer() -> None:
     assert parse_args([]).block_dim == "auto" and parse_args(["--block-dim", "0"]).block_dim == 0
-    args = parse_args(["--block-dim", "256", "--max-factor-dim", "auto"])
-    assert (args.block_dim, args.max_factor_dim) == (256, "auto")
+    assert parse_args(["--block-dim", "256"]).block_dim == 256
 
 
-def test_train_kfac_overrides_are_parsed_and_checked_before_any_trial() -> None:
-    args = parse_args(["--train-kfac", "factor_update_steps=5", "inv_update_steps=10", "factor_decay=0.5",
-                       "method=eigen", "max_factor_dim=None"])
-    assert args.train_kfac == {"factor_update_steps": 5, "inv_update_steps": 10, "factor_decay": 0.5,
-                               "method": "eigen", "max_factor_dim": None}
-    assert parse_args([]).train_kfac == {"factor_update_steps": 2, "inv_update_steps": 4, "factor_decay": 0.9}
-    for bad in (["--train-kfac", "dampin=0.1"], ["--train-kfac", "damping"],
-                ["--train-kfac", "inv_update_steps=3", "factor_update_steps=2"],
-                ["--factor-update-steps", "5", "--inv-update-steps", "10", "--train-kfac", "inv_update_steps=4"]):
-        with pytest.raises(SystemExit):
-            parse_args(bad)
+def test_kfac_overrides_are_read_as_typed_values() -> None:
+    args = parse_args(["--kfac", "factor_update_steps=5", "inv_update_steps=10", "factor_decay=0.5",
+                       "method=inverse", "max_factor_dim=auto", "kl_clip=None", "gather_rows=False"])
+    assert args.kfac_overrides == {"factor_update_steps": 5, "inv_update_steps": 10, "factor_decay": 0.5,
+                                   "method": "inverse", "max_factor_dim": "auto", "kl_clip": None, "gather_rows": False}
+    assert parse_args([]).kfac_overrides == {}
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("damping=-1", "damping=-1 is invalid: it must be a number > 0."),
+    ("inv_update_steps=3", "inv_update_steps=3 is invalid: it must be a multiple of factor_update_steps=2"),
+    ("dampin=0.1", "'dampin' is not a parameter of KFACConfig. Did you mean 'damping'?"),
+    ("mode=dkfac", "'mode' is set by the benchmark for each strategy"),
+])
+def test_a_bad_kfac_override_fails_before_any_trial_naming_the_option_and_the_key(
+        item: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--kfac", "factor_update_steps=2", item])
+    assert f"argument --kfac: {message}" in capsys.readouterr().err
 
 
 def test_quick_mode_shrinks_the_run() -> None:
     args = parse_args(["--quick"])
-    assert (args.warmup, args.steps, args.reps, args.seeds, args.epochs) == (2, 10, 1, [0], 3)
+    assert (args.warmup_cycles, args.cycles, args.reps, args.seeds, args.epochs) == (1, 1, 1, [0], 3)
+    assert args.models == ["mlp"] and args.kfac_overrides == {"inv_update_steps": 2}
+    assert parse_args(["--quick", "--kfac", "inv_update_steps=4"]).kfac_overrides == {"inv_update_steps": 4}
