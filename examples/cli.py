@@ -2,7 +2,7 @@
 included:
 
     python examples/cli.py fit --trainer.strategy=lightning_dpkfac.DPKFACStrategy \\
-        --trainer.strategy.damping=0.01 --trainer.devices=2 --trainer.max_epochs=3
+        --trainer.strategy.damping=0.05 --trainer.devices=2 --trainer.max_epochs=3
     python examples/cli.py fit --config examples/cli_dpkfac.yaml
     python examples/cli.py fit --trainer.strategy=dpkfac          # every K-FAC setting at its default
     python examples/cli.py fit --trainer.strategy.help lightning_dpkfac.DPKFACStrategy   # the settings

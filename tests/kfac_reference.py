@@ -169,7 +169,8 @@ def precondition_layers(
     kl_clip: float | None,
     lr: float,
 ) -> tuple[dict[str, Tensor], float]:
-    """Preconditioned gradient of every layer from its (A, G), KL-clipped together; returns (P, nu)."""
+    """Preconditioned gradient of every layer from its (A, G), KL-clipped together at ``lr`` (the largest
+    lr so far); returns (P, nu)."""
     out = {n: precondition(*frozen[n], g, damping, method) for n, g in grads.items()}
     nu = 1.0
     if kl_clip is not None:

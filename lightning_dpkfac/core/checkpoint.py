@@ -4,6 +4,7 @@ matching a saved state to this run's layers (on any world size, re-cutting block
 Schema (format 2; only tensors, numbers and strings, so ``torch.load(weights_only=True)`` reads it)::
 
     {"format": 2, "steps": int, "world_size": int, "method": "eigen" | "inverse",
+     "kl_peak_lr": float,                                        # the KL-clip's lr (absent: 0.0)
      "rows": {"phase", "layers", "world_size"},                  # distributed.rows.RowGatherer
      "faults": {"faults_total", "consecutive_faults", ...},      # core.faults.FaultCounter
      "layers": {name: {"d_a", "d_g", "module", "module_dims", "block",

@@ -21,25 +21,32 @@ SCHEDULABLE = ("damping", "factor_decay", "kl_clip", "lr")
 
 @dataclass
 class KFACConfig:
-    """Hyper-parameters of (DP-)K-FAC.
+    """Hyper-parameters of (DP-)K-FAC. The defaults were chosen by a study across tasks, world sizes and batch
+    sizes (docs/defaults.md): damped inverses, factors every 5 steps, decompositions every 20, factors wider
+    than 1024 cut into blocks.
 
     Attributes:
         damping: Tikhonov damping added to the factors (inverse method) or to the eigenvalue products
             (eigen method); > 0. Factors estimate the per-example Fisher, so it does not depend on the
-            batch size. (default: 1e-3)
+            batch size. The inverse method damps each factor, so where both factors are small the Kronecker
+            product gets about ``damping^2``: use about the square root of an eigen damping. (default: 0.1)
         factor_decay: running-average weight of the *old* factors, in [0, 1):
-            ``F <- decay * F + (1 - decay) * F_new``; 0 keeps only the newest. (default: 0.95)
-        kl_clip: KL-clip bound (> 0) on ``lr^2 * sum(P * grad)``; ``None`` disables clipping.
-            (default: 1e-3)
+            ``F <- decay * F + (1 - decay) * F_new``, at every factor update; 0 keeps only the newest.
+            (default: 0.8)
+        kl_clip: KL-clip bound (> 0) on ``peak_lr^2 * sum(P * grad)``, ``peak_lr`` the largest lr so far: the
+            preconditioned gradient is scaled by ``min(1, sqrt(kl_clip / (peak_lr^2 sum(P * grad))))``, so
+            the step is bounded as at the peak lr and follows the lr schedule below it; ``None`` disables
+            clipping. (default: 1e-3)
         lr: learning rate used by KL-clip; ``None`` means "read it from the optimizer" (the Lightning
             strategy does) or pass it to ``KFACPreconditioner.step(lr=...)``. (default: None)
-        factor_update_steps: build new factors every this many optimizer steps; >= 1. (default: 1)
+        factor_update_steps: build new factors every this many optimizer steps; >= 1. (default: 5)
         inv_update_steps: decompose (eigendecompose or invert) each layer's factors once every this many
             steps, the layers spread over the interval so that no step carries all decompositions (every
-            layer at step 0; ``distributed.assignment.decomposition_slots``); a multiple of
-            ``factor_update_steps``. (default: 10)
+            layer at step 0; ``distributed.assignment.decomposition_slots``); >= 1. Slots fall on factor
+            updates where they can; a decomposition between factor updates uses the latest running
+            factors. (default: 20)
         method: ``"eigen"`` (eigendecomposition, damping on the Kronecker eigenvalues) or ``"inverse"``
-            (damped inverse of each factor). (default: "eigen")
+            (damped inverse of each factor: about a third of eigen's cost per step). (default: "inverse")
         mode: ``"dpkfac"`` (each layer's factors built and kept by its owner only, from its local batch)
             or ``"dkfac"`` (every rank builds every factor, factors all-reduced: the D-KFAC baseline).
             (default: "dpkfac")
@@ -55,12 +62,13 @@ class KFACConfig:
             ``lightning_dpkfac.distributed.rows``). (default: True)
         max_factor_dim: split a layer whose A or G is larger than this into a grid of blocks with factors of
             at most this size, each preconditioned with the diagonal blocks of the layer's factors and owned
-            on its own (:mod:`lightning_dpkfac.core.blocks`): block-diagonal K-FAC, an approximation that lets the ranks share
-            one wide layer's memory and decomposition work; ``None`` never splits; >= 2. ``"auto"`` splits
+            on its own (:mod:`lightning_dpkfac.core.blocks`): block-diagonal K-FAC, an approximation that lets
+            the ranks share one wide layer's memory and decomposition work; ``None`` never splits; >= 2. ``"auto"`` splits
             only the layers too costly for any owner map to balance over the ranks (cost above the total
             over the world size), each into as few blocks as it takes: whole
             layers on one rank, and a split that depends on the world size (a checkpoint resumes where
-            each new block lies inside a saved layer or block). (default: None)
+            each new block lies inside a saved layer or block). The default bounds the cost of any one
+            decomposition and of preconditioning a very wide layer. (default: 1024)
         max_consecutive_faults: a layer whose factors, decomposition or preconditioned gradient is
             non-finite on this many optimizer steps in a row stops training with an error; on fewer, it
             just keeps its plain gradient (or last good decomposition) for that step; >= 1. (default: 5)
@@ -69,18 +77,18 @@ class KFACConfig:
     (an ``int`` starting at 0) returning the value, in the Python API.
     """
 
-    damping: float = 1e-3
-    factor_decay: float = 0.95
+    damping: float = 0.1
+    factor_decay: float = 0.8
     kl_clip: float | None = 1e-3
     lr: float | None = None
-    factor_update_steps: int = 1
-    inv_update_steps: int = 10
-    method: str = "eigen"
+    factor_update_steps: int = 5
+    inv_update_steps: int = 20
+    method: str = "inverse"
     mode: str = "dpkfac"
     skip_layers: list[str] = field(default_factory=list)
     kfac_bucket_cap_mb: float = 25.0
     gather_rows: bool = True
-    max_factor_dim: int | str | None = None
+    max_factor_dim: int | str | None = 1024
     max_consecutive_faults: int = 5
 
     def __post_init__(self) -> None:
@@ -88,12 +96,6 @@ class KFACConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= 1.")
-        if self.inv_update_steps % self.factor_update_steps != 0:
-            raise ValueError(
-                f"inv_update_steps={self.inv_update_steps} is invalid: it must be a multiple of "
-                f"factor_update_steps={self.factor_update_steps} (e.g. "
-                f"{self.factor_update_steps * max(1, round(self.inv_update_steps / self.factor_update_steps))})."
-            )
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is invalid: it must be one of {METHODS}.")
         if self.mode not in MODES:

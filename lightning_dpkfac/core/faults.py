@@ -47,11 +47,12 @@ def decompose_with_retries(method: Decomposition, A: Tensor, G: Tensor, dtype: t
 class DivergenceWatch:
     """Notices, from the training loss, that training diverges under K-FAC: once the loss's running average
     (weight ``1 - decay`` on the newest loss) has risen to ``factor`` times its lowest value, at least
-    ``patience`` steps after that lowest value, :meth:`observe` returns a message (once) naming the rise
-    and the settings that help. A non-finite loss is left to the non-finite-gradient path."""
+    ``patience`` steps after that lowest value (at once if it rose ``explosion`` times), :meth:`observe`
+    returns a message (once) naming the rise and the settings that help. A non-finite loss is left to the
+    non-finite-gradient path."""
 
-    def __init__(self, factor: float = 2.0, patience: int = 10, decay: float = 0.9) -> None:
-        self.factor, self.patience, self.decay = factor, patience, decay
+    def __init__(self, factor: float = 2.0, patience: int = 10, decay: float = 0.9, explosion: float = 100.0) -> None:
+        self.factor, self.patience, self.decay, self.explosion = factor, patience, decay, explosion
         self._average: float | None = None
         self._best: tuple[float, int] | None = None  # the lowest running average, and its step
         self._said = False
@@ -65,7 +66,8 @@ class DivergenceWatch:
             self._best = (self._average, step)
             return None
         best, at = self._best
-        if self._average < self.factor * best or step - at < self.patience or best <= 0:
+        risen = self._average >= self.factor * best and step - at >= self.patience
+        if best <= 0 or not (risen or self._average >= self.explosion * best):
             return None
         self._said = True
         return (f"K-FAC: the training loss (running average) rose from {best:.4g} at step {at} to "

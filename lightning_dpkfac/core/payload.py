@@ -104,13 +104,14 @@ def read_tails(payloads: list[Tensor], *extra: Tensor) -> tuple[list[float], lis
     return tails[0::2], [Flag(int(f)) for f in tails[1::2]], rest
 
 
-def kl_scale(vgs: list[float], flags: list[Flag], kl_clip: float | None, lr: float | None) -> float:
-    """``nu = min(1, sqrt(kl_clip / |lr^2 sum_l sum(P_l * grad_l)|))`` over the preconditioned layers, in
-    float64 from shared values summed in a fixed order: the same on every rank."""
+def kl_scale(vgs: list[float], flags: list[Flag], kl_clip: float | None, peak_lr: float) -> float:
+    """``nu = min(1, sqrt(kl_clip / |peak_lr^2 sum_l sum(P_l * grad_l)|))`` over the preconditioned layers,
+    in float64 from shared values summed in a fixed order: the same on every rank. ``peak_lr`` is the
+    largest lr so far, so the step ``lr * nu * P`` is bounded as at that lr and still follows a decaying
+    lr schedule (with the current lr instead, a clipped step would not depend on the lr at all)."""
     if kl_clip is None:
         return 1.0
-    assert lr is not None
-    step = lr**2 * abs(sum(v for v, flag in zip(vgs, flags) if flag.preconditioned))
+    step = peak_lr**2 * abs(sum(v for v, flag in zip(vgs, flags) if flag.preconditioned))
     return 1.0 if step == 0.0 else min(1.0, math.sqrt(kl_clip / step))
 
 

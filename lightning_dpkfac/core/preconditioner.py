@@ -87,6 +87,8 @@ class KFACPreconditioner:
         self.slots = decomposition_slots(shapes, self.owners, self.world_size, cfg.inv_update_steps,
                                          cfg.factor_update_steps)
         self.steps = 0
+        self.kl_scale = 1.0  # the last step's KL-clip factor nu (1.0: not clipped)
+        self.kl_peak_lr = 0.0  # the largest lr passed so far: the clip bounds the step at it (docs/defaults.md)
         self.timer = PhaseTimer()
         self.method = decomposition_for(cfg.method)
         self.distribution = distribution_for(cfg.mode)(self.layers, self.owners, self.comm, self.timer)
@@ -114,13 +116,16 @@ class KFACPreconditioner:
         whose averaged gradient is non-finite, every ``.grad`` of the model is ``None`` instead.
 
         Args:
-            lr: learning rate for KL-clip this step (default: the config's ``lr``).
+            lr: this step's learning rate (default: the config's ``lr``); KL-clip bounds the step as at the
+                largest lr so far (``kl_peak_lr``), so a clipped step still follows a decaying schedule.
         """
         cfg, k = self.config, self.steps
         damping, kl_clip, lr = cfg.value("damping", k), cfg.value("kl_clip", k), lr if lr is not None else cfg.value("lr", k)
         if kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs a learning rate: pass lr=... to KFACPreconditioner or to step(), "
                              "or set kl_clip=None.")
+        if lr is not None:
+            self.kl_peak_lr = max(self.kl_peak_lr, float(lr))
         self._router.step_done()
         for state in self._states.values():
             state.fault = False
@@ -133,7 +138,7 @@ class KFACPreconditioner:
                     self._warn_uncaptured()
             self._decompose(damping, due)
         flags, others_finite = self._precondition_and_share(
-            damping, kl_clip, lr, while_sending=None if fold is None else lambda: fold(None))
+            damping, kl_clip, while_sending=None if fold is None else lambda: fold(None))
         self._rows.end_step()
         if self.faults.record(k, flags, others_finite):
             for param in self.model.parameters():  # torch optimizers skip a parameter without a gradient
@@ -192,7 +197,7 @@ class KFACPreconditioner:
             else:
                 state.decomposition = self.method.keep(result)
 
-    def _precondition_and_share(self, damping: float, kl_clip: float | None, lr: float | None,
+    def _precondition_and_share(self, damping: float, kl_clip: float | None,
                                 while_sending: Callable[[], None] | None) -> tuple[list[Flag], bool]:
         """Pack every payload this rank holds (dpkfac: broadcast them), run ``while_sending`` meanwhile, then
         apply the same KL-clip scale and write every layer's result into ``.grad``. Returns the flags of all
@@ -223,7 +228,7 @@ class KFACPreconditioner:
         # A gathered layer left plain carries no gradient in its payload: every rank averages its own.
         averaged = self._average_local_gradients([i for i in gathered if flags[i] in (Flag.PLAIN, Flag.PLAIN_AFTER_FAULT)])
         with self.timer("precondition"):
-            scale = payload.kl_scale(vgs, flags, kl_clip, lr)
+            self.kl_scale = scale = payload.kl_scale(vgs, flags, kl_clip, self.kl_peak_lr)
             for i, (layer, result) in enumerate(zip(self.layers, payloads)):
                 if layer.weight.grad is not None:
                     layer.set_grad_matrix(averaged[i] if i in averaged else payload.matrix(layer, result),
@@ -290,7 +295,7 @@ class KFACPreconditioner:
     def state_dict(self) -> dict[str, Any]:
         """The state of the layers this rank *owns*, with the counters (``core.checkpoint``'s schema)."""
         return {"format": checkpoint.FORMAT, "steps": self.steps, "world_size": self.world_size,
-                "method": self.config.method, "rows": self._rows.state_dict(), "faults": self.faults.state_dict(),
+                "kl_peak_lr": self.kl_peak_lr, "method": self.config.method, "rows": self._rows.state_dict(), "faults": self.faults.state_dict(),
                 "layers": checkpoint.layer_entries(self.layers, self.owners, self.rank, self._states)}
 
     def gather_state_dict(self, dst: int = 0) -> dict[str, Any] | None:
@@ -305,6 +310,7 @@ class KFACPreconditioner:
         state = checkpoint.migrate(state)
         saved, recut = checkpoint.match_layers(self.layers, state, self.world_size, self.config.max_factor_dim == "auto")
         self.steps = int(state["steps"])
+        self.kl_peak_lr = float(state.get("kl_peak_lr", 0.0))
         damping = self.config.value("damping", self.steps)
         for i, s in self._states.items():
             layer, entry = self.layers[i], saved[self.layers[i].name]

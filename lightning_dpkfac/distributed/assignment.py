@@ -79,8 +79,9 @@ def decomposition_cost(shape: LayerShape) -> float:
 
 def decomposition_slots(shapes: Sequence[LayerShape], owners: Sequence[int], world_size: int,
                         inv_update_steps: int, factor_update_steps: int = 1) -> list[int]:
-    """Per layer, its slot: the step within every interval of ``inv_update_steps`` (a multiple of
-    ``factor_update_steps``, so that its factors are fresh) at which its owner decomposes it.
+    """Per layer, its slot: the step within every interval of ``inv_update_steps`` at which its owner
+    decomposes it; a multiple of ``factor_update_steps`` (there its factors were just updated), unless the
+    interval is shorter than that.
 
     Greedy, costliest first: each layer goes to the slot where its owner has decomposed the least so far
     (ties: where the busiest rank has the least, then the earlier slot), so that no step carries every

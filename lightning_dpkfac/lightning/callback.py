@@ -66,7 +66,8 @@ class KFACCallbackMixin:
     ``kfac/time_<phase>`` (seconds on this rank, phases: factor, inverse, precondition, comm),
     ``kfac/bytes_<kind>`` (bytes per rank, kinds: gradients, factors, inverses, preconditioned),
     ``kfac/faults`` (layers whose K-FAC state was non-finite this step), ``kfac/skipped`` (1 when the averaged
-    gradient was non-finite and no update was applied), ``kfac/damping`` and ``kfac/kl_lr``.
+    gradient was non-finite and no update was applied), ``kfac/damping``, ``kfac/kl_scale`` (the KL-clip's
+    factor, 1 when not clipped) and ``kfac/kl_lr`` (the largest lr so far, which the clip uses).
 
     It writes the engine's state (factors, decompositions, counters), gathered onto rank 0, into the
     checkpoint under ``CHECKPOINT_KEY``, and restores it from there. It warns once if rank 0's training
@@ -121,7 +122,7 @@ class KFACCallbackMixin:
         step = pre.steps
         pre.step(lr=lr)
         if step % self.log_every_n_steps == 0:
-            pl_module.log_dict(self._metrics(step, lr), on_step=True, on_epoch=False)
+            pl_module.log_dict(self._metrics(step), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -134,7 +135,7 @@ class KFACCallbackMixin:
         if message is not None:
             self._warn(message)
 
-    def _metrics(self, step: int, lr: float | None) -> dict[str, Any]:
+    def _metrics(self, step: int) -> dict[str, Any]:
         pre = self.preconditioner
         times, sent = dict(pre.timings), pre.bytes_sent
         metrics: dict[str, Any] = {}
@@ -145,8 +146,9 @@ class KFACCallbackMixin:
         metrics["kfac/faults"] = float(pre.faults.last_step_faults)
         metrics["kfac/skipped"] = float(pre.faults.last_step_skipped)
         metrics["kfac/damping"] = float(pre.config.value("damping", step))
-        if lr is not None or pre.config.lr is not None:
-            metrics["kfac/kl_lr"] = float(lr if lr is not None else pre.config.value("lr", step))
+        metrics["kfac/kl_scale"] = pre.kl_scale
+        if pre.config.kl_clip is not None:
+            metrics["kfac/kl_lr"] = pre.kl_peak_lr
         self._last_times, self._last_bytes = times, sent
         return metrics
 

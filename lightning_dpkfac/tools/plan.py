@@ -30,7 +30,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from lightning_dpkfac.core.config import METHODS, check_max_factor_dim
+from lightning_dpkfac.core.config import METHODS, KFACConfig, check_max_factor_dim
 from lightning_dpkfac.core.decomposition import decomposition_for
 from lightning_dpkfac.core.factors import keeps_as_rows
 from lightning_dpkfac.core.layers import KFACLayer, LinearLayer, discover_layers
@@ -50,11 +50,15 @@ from lightning_dpkfac.tools.shape_tables import BUILTIN, ModelShapes
 
 MODES = ("ddp", "dkfac", "dpkfac")
 STATE_KINDS = ("factors", "decompositions", "capture")
+_DEFAULTS = KFACConfig()  # the library's settings: the default of every prediction
+#: The settings of the paper comparison (docs/paper_comparison.md): factors every step, as the paper counts
+#: per second-order update, with the owner map of decompositions every 10 steps, the eigen method.
+PAPER_SCHEDULE = {"factor_update_steps": 1, "inv_update_steps": 10}
 
 
 def shapes_of(model: nn.Module, skip_layers: Sequence[str] = (), name: str | None = None,
-              example_input: Tensor | None = None, max_factor_dim: int | str | None = None, world_size: int = 1,
-              inv_update_steps: int = 10) -> ModelShapes:
+              example_input: Tensor | None = None, max_factor_dim: int | str | None = _DEFAULTS.max_factor_dim,
+              world_size: int = 1, inv_update_steps: int = _DEFAULTS.inv_update_steps) -> ModelShapes:
     """The shape table of a live ``model``, with the engine's own layer discovery (and splitting into
     blocks for ``world_size`` ranks). Linear layers get ``rows_per_example`` from a forward pass of
     ``example_input`` (a batch), or 1 without one."""
@@ -90,7 +94,8 @@ def _rows_per_example(model: nn.Module, layers: Sequence[KFACLayer], example: Te
     return {name: seen.get(name, n) if n else 0 for name, n in rows.items()}
 
 
-def owner_map(shapes: ModelShapes, world_size: int, inv_update_steps: int = 10) -> list[int]:
+def owner_map(shapes: ModelShapes, world_size: int,
+              inv_update_steps: int = _DEFAULTS.inv_update_steps) -> list[int]:
     """``owners[i]``: the rank that owns layer ``i``, exactly as the engine computes it."""
     return assign_owners(_costs(shapes, inv_update_steps), world_size)
 
@@ -99,15 +104,17 @@ def _costs(shapes: ModelShapes, inv_update_steps: int) -> list[float]:
     return [layer_cost(s, inv_update_steps) for s in shapes.shapes]
 
 
-def owner_imbalance(shapes: ModelShapes, world_size: int, inv_update_steps: int = 10) -> float:
+def owner_imbalance(shapes: ModelShapes, world_size: int,
+                    inv_update_steps: int = _DEFAULTS.inv_update_steps) -> float:
     """max/mean of the owners' cost (1.0 is perfect balance)."""
     costs = _costs(shapes, inv_update_steps)
     return load_imbalance(costs, assign_owners(costs, world_size), world_size)
 
 
 def predict_bytes(
-    shapes: ModelShapes, world_size: int, mode: str, *, factor_update_steps: int = 1, steps: int = 1,
-    inv_update_steps: int = 10, method: str = "eigen", batch_size: int | None = None, gather_rows: bool = True,
+    shapes: ModelShapes, world_size: int, mode: str, *, factor_update_steps: int = _DEFAULTS.factor_update_steps,
+    steps: int = 1, inv_update_steps: int = _DEFAULTS.inv_update_steps, method: str = _DEFAULTS.method,
+    batch_size: int | None = None, gather_rows: bool = _DEFAULTS.gather_rows,
 ) -> dict[str, float]:
     """Bytes one rank sends, by kind, over the optimizer steps ``0 .. steps - 1`` (cumulative, as the
     engine's ``bytes_sent`` counts them from its first step): the messages the engine's parts declare
@@ -146,8 +153,10 @@ def predict_bytes(
     return out
 
 
-def bytes_per_step(shapes: ModelShapes, world_size: int, mode: str, *, factor_update_steps: int = 1,
-                   inv_update_steps: int = 10, method: str = "eigen", batch_size: int | None = None) -> dict[str, float]:
+def bytes_per_step(shapes: ModelShapes, world_size: int, mode: str, *,
+                   factor_update_steps: int = _DEFAULTS.factor_update_steps,
+                   inv_update_steps: int = _DEFAULTS.inv_update_steps, method: str = _DEFAULTS.method,
+                   batch_size: int | None = None) -> dict[str, float]:
     """Mean bytes one rank sends per optimizer step, by kind, in the steady state: over one cycle of
     factor updates and decompositions after the first step."""
     k = math.lcm(factor_update_steps, inv_update_steps)
@@ -157,8 +166,8 @@ def bytes_per_step(shapes: ModelShapes, world_size: int, mode: str, *, factor_up
 
 
 def predict_state_bytes(
-    shapes: ModelShapes, world_size: int, mode: str, *, method: str = "eigen", inv_update_steps: int = 10,
-    batch_size: int | None = None,
+    shapes: ModelShapes, world_size: int, mode: str, *, method: str = _DEFAULTS.method,
+    inv_update_steps: int = _DEFAULTS.inv_update_steps, batch_size: int | None = None,
 ) -> list[dict[str, int]]:
     """Per rank: bytes of K-FAC state held after a step (``factors``, ``decompositions``, the keys of
     ``KFACPreconditioner.state_bytes()``) and the peak ``capture`` accumulators during a step. Given the
@@ -226,8 +235,10 @@ def paper_comparison(shapes: ModelShapes, world_size: int = 64, method: str = "e
     triangles = sum(s.d_a * (s.d_a + 1) // 2 + s.d_g * (s.d_g + 1) // 2 for s in shapes.shapes)
     dkfac_paper = 2 * f * (n + n_o) + 2 * f * triangles + f * n
     seed_dpkfac = 2 * f * (n + n_o) + f * n
-    engine = {mode: sum(bytes_per_step(shapes, world_size, mode, method=method).values()) for mode in ("dkfac", "dpkfac")}
-    kfac = {mode: max(sum(r.values()) for r in predict_state_bytes(shapes, world_size, mode, method=method))
+    engine = {mode: sum(bytes_per_step(shapes, world_size, mode, method=method, **PAPER_SCHEDULE).values())
+              for mode in ("dkfac", "dpkfac")}
+    kfac = {mode: max(sum(r.values()) for r in predict_state_bytes(
+                shapes, world_size, mode, method=method, inv_update_steps=PAPER_SCHEDULE["inv_update_steps"]))
             for mode in ("dkfac", "dpkfac")}
     model = model_state_bytes(shapes)
     return PaperComparison(
@@ -264,12 +275,15 @@ def format_block_comparison(world_size: int = 64, dims: Sequence[int | str | Non
              "|---|---|---|---|---|---|---|"]
     for factory in BUILTIN.values():
         for dim in dims:
-            shapes = factory().split(dim, world_size)
-            owners = owner_map(shapes, world_size)
-            dp = [sum(r.values()) for r in predict_state_bytes(shapes, world_size, "dpkfac")]
-            dk = max(sum(r.values()) for r in predict_state_bytes(shapes, world_size, "dkfac"))
+            every = PAPER_SCHEDULE["inv_update_steps"]
+            shapes = factory().split(dim, world_size, every)
+            owners = owner_map(shapes, world_size, every)
+            dp = [sum(r.values()) for r in predict_state_bytes(shapes, world_size, "dpkfac", method="eigen",
+                                                               inv_update_steps=every)]
+            dk = max(sum(r.values()) for r in predict_state_bytes(shapes, world_size, "dkfac", method="eigen",
+                                                                  inv_update_steps=every))
             lines.append(f"| {shapes.name} | {dim or 'whole layers'} | {len(shapes.layers)} | "
-                         f"{owner_imbalance(shapes, world_size):.2f} | {world_size - len(set(owners))} | "
+                         f"{owner_imbalance(shapes, world_size, every):.2f} | {world_size - len(set(owners))} | "
                          f"{_size(max(dp))} ({_size(sum(dp) / world_size)}) | {_size(dk)} |")
     return "\n".join(lines)
 
@@ -286,9 +300,9 @@ def format_plan(
     shapes: ModelShapes,
     world_size: int,
     *,
-    factor_update_steps: int = 1,
-    inv_update_steps: int = 10,
-    method: str = "eigen",
+    factor_update_steps: int = _DEFAULTS.factor_update_steps,
+    inv_update_steps: int = _DEFAULTS.inv_update_steps,
+    method: str = _DEFAULTS.method,
     batch_size: int | None = None,
     max_rows: int = 64,
 ) -> str:
@@ -343,7 +357,8 @@ def format_plan(
 
 
 def load_shapes(spec: str, skip_layers: Sequence[str] = (), input_shape: Sequence[int] | None = None,
-                max_factor_dim: int | str | None = None, world_size: int = 1, inv_update_steps: int = 10) -> ModelShapes:
+                max_factor_dim: int | str | None = _DEFAULTS.max_factor_dim, world_size: int = 1,
+                inv_update_steps: int = _DEFAULTS.inv_update_steps) -> ModelShapes:
     """A built-in table by name, or ``package.module:factory`` called with no arguments (with
     ``input_shape``, one example's shape, a forward pass counts each Linear layer's rows per example);
     layers split into blocks as the engine splits them on ``world_size`` ranks (``max_factor_dim``)."""
@@ -385,8 +400,10 @@ def model_arg(text: str) -> str:
     return text
 
 
-def max_factor_dim_arg(text: str) -> int | str:
-    """``--max-factor-dim``: ``auto`` or an integer >= 2 (``KFACConfig.max_factor_dim``)."""
+def max_factor_dim_arg(text: str) -> int | str | None:
+    """``--max-factor-dim``: ``auto``, ``none`` (whole layers) or an integer >= 2 (``KFACConfig.max_factor_dim``)."""
+    if text.lower() == "none":
+        return None
     value: int | str = int(text) if text.lstrip("-").isdigit() else text
     try:
         check_max_factor_dim(value)
@@ -403,10 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"built-in table ({', '.join(BUILTIN)}) or package.module:factory, a callable that returns "
                         "an nn.Module (e.g. lightning_dpkfac.tools.models:cnn)")
     p.add_argument("-P", "--world-size", type=int, default=64, help="number of ranks, 1..1024")
-    p.add_argument("--factor-update-steps", type=int, default=1, help="build K-FAC factors every this many steps")
-    p.add_argument("--inv-update-steps", type=int, default=10,
-                   help="decompose the factors every this many steps (also weighs the owner map's costs)")
-    p.add_argument("--method", choices=METHODS, default="eigen", help="K-FAC decomposition")
+    defaults = KFACConfig()  # the library's
+    p.add_argument("--factor-update-steps", type=int, default=defaults.factor_update_steps,
+                   help="build K-FAC factors every this many steps")
+    p.add_argument("--inv-update-steps", type=int, default=defaults.inv_update_steps,
+                   help="decompose each layer every this many steps (also weighs the owner map's costs)")
+    p.add_argument("--method", choices=METHODS, default=defaults.method, help="K-FAC decomposition")
     p.add_argument("--skip-layers", nargs="*", default=[], help="module or class names to leave to SGD")
     p.add_argument("--batch-size", type=int, default=None,
                    help="examples per rank, to predict dpkfac's row gathering for Linear layers; None: no row "
@@ -414,10 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=int, nargs="+", default=None,
                    help="one example's shape, for a factory model (e.g. 16 512), to count the rows of Linear layers "
                         "on N-D inputs; None: one row per example")
-    p.add_argument("--max-factor-dim", type=max_factor_dim_arg, default=None,
-                   help="split layers into blocks whose factors are at most this size, or 'auto': only the layers "
-                        "that cost more than the fair share of P ranks (KFACConfig.max_factor_dim); None: whole "
-                        "layers")
+    p.add_argument("--max-factor-dim", type=max_factor_dim_arg, default=defaults.max_factor_dim,
+                   help="split layers into blocks whose factors are at most this size, 'auto': only the layers "
+                        "that cost more than the fair share of P ranks, or 'none': whole layers "
+                        "(KFACConfig.max_factor_dim)")
     p.add_argument("--paper", action="store_true",
                    help="print the comparison with the paper's 64-GPU ratios instead (MODEL is ignored)")
     return p

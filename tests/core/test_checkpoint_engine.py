@@ -13,7 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 import kfac_reference as ref
 from lightning_dpkfac import KFACPreconditioner
 
-HP = dict(damping=1e-2, lr=0.1, kl_clip=1e-3, inv_update_steps=3, factor_decay=0.9)
+HP = dict(damping=1e-2, lr=0.1, kl_clip=1e-3, factor_update_steps=1, inv_update_steps=3, factor_decay=0.9,
+          method="eigen")
 
 
 def make_model() -> nn.Sequential:
@@ -47,6 +48,16 @@ def test_resumed_engine_continues_bit_identically(max_factor_dim: int | None) ->
     grads_a, grads_b = train(model_a, pre_a, range(4, 8)), train(model_b, pre_b, range(4, 8))
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
     assert pre_b.steps == pre_a.steps == 8
+
+
+def test_the_kl_clips_peak_lr_is_restored() -> None:
+    model = make_model()
+    pre = KFACPreconditioner(model, **HP)
+    train(model, pre, range(2))
+    pre.step(lr=0.3)
+    restored = KFACPreconditioner(make_model(), **HP)
+    restored.load_state_dict(pre.state_dict())
+    assert restored.kl_peak_lr == pre.kl_peak_lr == 0.3
 
 
 def test_state_loads_with_weights_only() -> None:
@@ -112,9 +123,10 @@ def test_a_state_resumes_with_a_finer_cut_from_the_diagonal_blocks_of_its_factor
 
 def test_changing_method_on_resume_rebuilds_the_decompositions() -> None:
     model = make_model()
-    pre = KFACPreconditioner(model, method="eigen", **HP)
+    hp = {k: v for k, v in HP.items() if k != "method"}
+    pre = KFACPreconditioner(model, method="eigen", **hp)
     train(model, pre, range(2))
-    resumed = KFACPreconditioner(model, method="inverse", **HP)
+    resumed = KFACPreconditioner(model, method="inverse", **hp)
     resumed.load_state_dict(pre.state_dict())
     assert set(resumed.layer_state("0").decomposition) == {"a_inv", "g_inv"}
 

@@ -19,7 +19,6 @@ from lightning_dpkfac import DPKFACStrategy, KFACConfig, KFACPreconditioner, Uns
         ({"factor_decay": -0.1}, r"factor_decay=-0.1 is invalid"),
         ({"kl_clip": 0.0}, r"kl_clip=0.0 is invalid: it must be None or a number > 0"),
         ({"factor_update_steps": 0}, r"factor_update_steps=0 is invalid: it must be an integer >= 1"),
-        ({"inv_update_steps": 15, "factor_update_steps": 2}, r"inv_update_steps=15 is invalid: it must be a multiple"),
         ({"method": "cholesky"}, r"method='cholesky' is invalid: it must be one of \('eigen', 'inverse'\)"),
         ({"mode": "kaisa"}, r"mode='kaisa' is invalid: it must be one of \('dpkfac', 'dkfac'\)"),
         ({"kfac_bucket_cap_mb": 0}, r"kfac_bucket_cap_mb=0 is invalid"),

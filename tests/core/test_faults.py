@@ -14,7 +14,7 @@ from lightning_dpkfac import KFACPreconditioner
 from lightning_dpkfac.core.faults import DivergenceWatch
 from lightning_dpkfac.core.preconditioner import KFACNumericalError
 
-HP = dict(damping=1e-2, lr=0.1, kl_clip=1e-3, inv_update_steps=1)
+HP = dict(damping=1e-2, lr=0.1, kl_clip=1e-3, factor_update_steps=1, inv_update_steps=1, method="eigen")
 
 
 def batch(step: int, overflow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,3 +225,9 @@ def test_a_falling_or_noisy_loss_is_not_divergence() -> None:
     watch = DivergenceWatch()
     losses = [2.3 * 0.97**k + (0.3 if k % 2 else 0.0) for k in range(200)]
     assert all(watch.observe(k, loss, 1e-3, None) is None for k, loss in enumerate(losses))
+
+
+def test_an_explosive_loss_is_named_at_once() -> None:
+    watch = DivergenceWatch(decay=0.0)
+    said = [watch.observe(k, loss, 1e-3, None) for k, loss in enumerate([2.3, 177.0, 2.8e5])]
+    assert said[:2] == [None, None] and "rose from 2.3 at step 0 to 2.8e+05 at step 2" in said[2]

@@ -146,6 +146,39 @@ def test_update_intervals_and_decay_follow_the_schedule(method: str) -> None:
                           factor_update_steps=2, inv_update_steps=4)
 
 
+def test_kl_clip_bounds_the_step_at_the_peak_lr_so_a_decaying_lr_still_shrinks_a_clipped_step() -> None:
+    """The clip's lr is the largest lr so far: nu = min(1, sqrt(kl_clip / (peak_lr^2 sum(P * grad)))). With
+    the same batch and weights every step (so P is fixed), halving the lr halves the step ``lr * nu * P``
+    while the clip binds, and a new peak tightens nu."""
+    torch.manual_seed(4)
+    build, in_shape = VARIANTS["linear"]
+    model = build().double()
+    hp = dict(damping=1e-2, factor_decay=0.8, kl_clip=1e-6, factor_update_steps=1, inv_update_steps=1,
+              method="inverse")
+    pre = KFACPreconditioner(model, **hp)
+    names = [layer.name for layer in pre.layers]
+    modules = dict(model.named_modules())
+    dense = ref.ReferenceKFAC(slots=pre.schedule(), lr=0.0, **hp)
+    x, y = torch.randn(BATCH, *in_shape, dtype=torch.float64), torch.randint(0, 3, (BATCH,))
+    captured = ref.capture(build, model, names, x, y, F.cross_entropy)
+    steps = []
+    for lr, peak in [(0.1, 0.1), (0.05, 0.1), (0.025, 0.1), (0.2, 0.2)]:
+        dense.update({n: ref.batch_factors(modules[n], *captured[n]) for n in names})
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        dense.lr = peak
+        expected = dense.precondition_all({n: ref.grad_matrix(modules[n]) for n in names})
+        pre.step(lr=lr)
+        for n in names:
+            torch.testing.assert_close(ref.grad_matrix(modules[n]), expected[n], rtol=1e-9, atol=0)
+        assert pre.kl_scale == pytest.approx(dense.kl_scales[-1], rel=1e-12) and pre.kl_scale < 1
+        steps.append(lr * torch.cat([ref.grad_matrix(modules[n]).flatten() for n in names]))
+    assert pre.kl_peak_lr == 0.2
+    torch.testing.assert_close(steps[1], steps[0] / 2)
+    torch.testing.assert_close(steps[2], steps[0] / 4)
+    torch.testing.assert_close(steps[3], steps[0])  # twice the lr, half the nu
+
+
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
 def test_float32_model_keeps_float32_factors_close_to_reference(method: str) -> None:
     run_against_reference("linear", method, kl_clip=1e-3, steps=3, factor_update_steps=1, inv_update_steps=1,
@@ -236,7 +269,7 @@ def test_each_step_decomposes_only_the_layers_of_its_slot() -> None:
     """Four equal layers decomposed every 4 steps: all at step 0, then one per step, in its slot."""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
-    pre = KFACPreconditioner(model, kl_clip=None, inv_update_steps=4)
+    pre = KFACPreconditioner(model, kl_clip=None, method="eigen", factor_update_steps=1, inv_update_steps=4)
     slots = pre.schedule()
     assert sorted(slots.values()) == [0, 1, 2, 3]
     before: dict[str, torch.Tensor] = {}

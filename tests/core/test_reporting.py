@@ -58,7 +58,7 @@ def test_a_slow_first_decomposition_is_reported_once_with_its_largest_layers(
     monkeypatch.setattr(timing, "SLOW_DECOMPOSITION_S", 0.0)
     monkeypatch.setattr(timing, "LARGE_FACTOR", 30)
     model = nn.Sequential(nn.Linear(40, 20), nn.ReLU(), nn.Linear(20, 3))
-    pre = KFACPreconditioner(model, kl_clip=None, inv_update_steps=1)
+    pre = KFACPreconditioner(model, kl_clip=None, factor_update_steps=1, inv_update_steps=1)
     with caplog.at_level(logging.WARNING, logger="lightning_dpkfac"):
         for _ in range(3):
             F.cross_entropy(model(torch.randn(8, 40)), torch.randint(0, 3, (8,))).backward()

@@ -219,7 +219,7 @@ def test_a_job_logs_into_a_directory_of_its_own_without_an_overwrite_warning(mul
 @pytest.mark.timeout(300)
 def test_each_job_prints_its_owner_table_once(multirun: dict[str, Any]) -> None:
     """Once per job (rank 0), though Hydra's logging shows every rank's records of the package's logger."""
-    assert multirun["output"].count("K-FAC (dpkfac, eigen) on ") == 2
+    assert multirun["output"].count("K-FAC (dpkfac, inverse) on ") == 2
 
 
 @pytest.mark.timeout(300)

@@ -62,8 +62,8 @@ def test_yaml_class_path_with_init_args_or_a_kfac_config(tmp_path: Path, init_ar
 
 
 def test_a_kfac_config_and_kfac_keywords_together_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"got both kfac_config and the K-FAC keywords damping=0.1\. Give one"):
-        DPKFACStrategy(kfac_config=KFACConfig(damping=0.01), damping=0.1)
+    with pytest.raises(ValueError, match=r"got both kfac_config and the K-FAC keywords damping=0.3\. Give one"):
+        DPKFACStrategy(kfac_config=KFACConfig(damping=0.01), damping=0.3)
 
 
 def test_the_cli_example_trains_on_two_ranks(tmp_path: Path) -> None:
@@ -72,4 +72,4 @@ def test_the_cli_example_trains_on_two_ranks(tmp_path: Path) -> None:
            f"--trainer.default_root_dir={tmp_path}"]
     result = run_command(cmd, launch_env(), ROOT, 120)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "K-FAC (dpkfac, eigen) on 4 layers, 2 rank(s)" in result.stdout
+    assert "K-FAC (dpkfac, inverse) on 4 layers, 2 rank(s)" in result.stdout

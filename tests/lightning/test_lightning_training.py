@@ -21,13 +21,14 @@ from typing import Any
 import pytest
 
 from conftest import ROOT
+from lightning_dpkfac import KFACConfig
 
 SCRIPT = ROOT / "examples" / "train.py"
 BUDGET = ("trainer.max_epochs=2", "seed=0", "optimizer=sgd", "optimizer.lr=0.1", "data.batch_size=64",
           "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false")
 RUN_TIMEOUT_S = 120
 KFAC_METRICS = ("kfac/bytes_preconditioned", "kfac/bytes_gradients", "kfac/time_factor", "kfac/time_inverse",
-                "kfac/time_precondition")
+                "kfac/time_precondition", "kfac/kl_scale", "kfac/kl_lr")
 
 _RUNS: dict[tuple[str, ...], dict[str, Any]] = {}  # shared between tests: one run per set of arguments
 
@@ -89,10 +90,13 @@ def test_kfac_metrics_are_logged(train: Callable[..., dict[str, Any]]) -> None:
             assert name in summary["kfac_mean_per_step"]
         means = summary["kfac_mean_per_step"]
         assert means["kfac/bytes_gradients"] > 0
+        assert means["kfac/kl_lr"] == pytest.approx(0.1) and 0 < means["kfac/kl_scale"] <= 1
         factor_bytes = [float(row["kfac/bytes_factors"]) for row in rows]
         if mode == "dpkfac":
             assert all(b == 0 for b in factor_bytes), "dpkfac must never send factors"
             assert means["kfac/bytes_preconditioned"] > 0 and means["kfac/bytes_inverses"] == 0
         else:
-            assert all(b > 0 for b in factor_bytes), "dkfac all-reduces factors every step"
+            every = KFACConfig().factor_update_steps  # the example runs the defaults
+            assert [b > 0 for b in factor_bytes] == [i % every == 0 for i in range(len(factor_bytes))], \
+                "dkfac all-reduces factors on every factor update, and only then"
             assert means["kfac/bytes_inverses"] > 0 and means["kfac/bytes_preconditioned"] == 0

@@ -217,7 +217,9 @@ def main() -> None:
         on_rank_1 = os.environ.get("LOCAL_RANK") == "1"
         damping = args.damping_on_rank_1 if args.damping_on_rank_1 is not None and on_rank_1 else args.damping
         strategy = lightning_dpkfac.DPKFACStrategy(
-            damping=damping, kl_clip=None if args.no_kl_clip else 1e-3, inv_update_steps=7,
+            # eigen, factors every step and decompositions every 7 (resumes fall between them), not the defaults
+            method="eigen", damping=damping, kl_clip=None if args.no_kl_clip else 1e-3, factor_update_steps=1,
+            inv_update_steps=7,
             gather_rows=bool(args.gather_rows), max_factor_dim=args.max_factor_dim,
             max_consecutive_faults=args.max_consecutive_faults, mode=args.mode, timeout=timeout, **hook,
         )

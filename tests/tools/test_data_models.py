@@ -91,7 +91,7 @@ def test_kfac_covers_the_transformers_embedding_feed_forward_and_head_not_attent
 def test_the_cifar_shaped_models_have_the_wide_factors_they_are_meant_to_stress() -> None:
     """The CIFAR CNN's first Linear reads 4096 features (A 4097 x 4097); ResNet-18's last stage has 3x3
     convolutions over 512 channels (A 4608 x 4608, no bias), BatchNorm left plain."""
-    cnn, resnet = KFACPreconditioner(cifar_cnn(), lr=0.1), KFACPreconditioner(resnet18(), lr=0.1)
+    cnn, resnet = (KFACPreconditioner(net(), lr=0.1, max_factor_dim=None) for net in (cifar_cnn, resnet18))
     assert max(layer.d_a for layer in cnn.layers) == 4097
     assert max(layer.d_a for layer in resnet.layers) == 4608 and len(resnet.layers) == 21
     assert any("BatchNorm2d" in reason for reason in resnet.plain.values())
