@@ -1,9 +1,10 @@
-"""Train a classifier with DP-KFAC, D-KFAC or plain DDP, configured by Hydra (``conf/``).
+"""Train a classifier or a language model with DP-KFAC, D-KFAC or plain DDP, configured by Hydra (``conf/``).
 
     python examples/train.py                              # digits CNN, dpkfac, 2 CPU ranks, 10 epochs
     python examples/train.py strategy=ddp model=mlp trainer.max_epochs=2
     python examples/train.py experiment=mnist1d_cnn
-    python examples/train.py -m strategy.damping=1e-3,3e-3,1e-2 strategy.inv_update_steps=10,50
+    python examples/train.py experiment=charlm_transformer optimizer=adam   # character LM, bits per character
+    python examples/train.py -m strategy.damping=0.03,0.1,0.3 strategy.inv_update_steps=10,40
 
 Each job writes ``csv/metrics.csv`` (CSV logger) and ``summary.json`` into its Hydra output dir;
 ``examples/compare_runs.py`` collects a multirun into one table and one plot.
@@ -24,13 +25,13 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_dpkfac  # noqa: F401  (registers the strategies and the Hydra schemas: before any Trainer)
 from lightning_dpkfac import DPKFACStrategy
 from lightning_dpkfac.hydra.jobs import in_multirun, run_job_in_fresh_process
-from lightning_dpkfac.tools.models import ClassifierModule
 
 SUMMARY = "summary.json"
 
@@ -65,12 +66,13 @@ class StepTimer(pl.Callback):
                 self.kfac.setdefault(key, []).append(float(value))
 
 
-def build(cfg: DictConfig) -> tuple[pl.Trainer, ClassifierModule, pl.LightningDataModule, StepTimer]:
-    """The Trainer, module and data module that ``cfg`` describes (nothing runs yet). The strategy is built
-    first, so that a bad K-FAC value fails here, naming the parameter."""
+def build(cfg: DictConfig) -> tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule, StepTimer]:
+    """The Trainer, module (``cfg.module``: a classifier's or a language model's) and data module that ``cfg``
+    describes (nothing runs yet). The strategy is built first, so that a bad K-FAC value fails here, naming
+    the parameter."""
     strategy = instantiate(cfg.strategy)
     data = instantiate(cfg.data)
-    module = ClassifierModule(instantiate(cfg.model), optimizer=instantiate(cfg.optimizer))
+    module = instantiate(cfg.module)(instantiate(cfg.model), optimizer=instantiate(cfg.optimizer))
     timer = StepTimer()
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=logger, callbacks=[timer])
@@ -85,14 +87,15 @@ def strategy_name(strategy: Any) -> str:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, test, and return (on every rank) the summary that rank 0 prints and writes to
-    ``<paths.output_dir>/summary.json``."""
+    """Fit, test (where the data has a test split), and return (on every rank) the summary that rank 0 prints
+    and writes to ``<paths.output_dir>/summary.json``."""
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
     trainer, module, data, timer = build(cfg)
     trainer.fit(module, datamodule=data)
     val = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
-    (test,) = trainer.test(module, datamodule=data, verbose=False)
+    has_test = is_overridden("test_dataloader", data)
+    (test,) = trainer.test(module, datamodule=data, verbose=False) if has_test else ({},)
     wall = time.perf_counter() - start
 
     metrics_csv = Path(trainer.logger.log_dir) / "metrics.csv" if trainer.logger and trainer.logger.log_dir else None
@@ -105,10 +108,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "world_size": trainer.world_size,
         "epochs": trainer.current_epoch,
         "train_steps": trainer.global_step,
-        "test_acc": float(test["test/acc"]),
-        "test_loss": float(test["test/loss"]),
+        "test_acc": test.get("test/acc"),
+        "test_loss": test.get("test/loss"),
         "val_acc": val.get("val/acc"),
         "val_loss": val.get("val/loss"),
+        "val_bpc": val.get("val/bpc"),
         "wall_time_s": wall,  # seeding, building, fit and test; not Python start-up and imports
         "median_step_time_s": statistics.median(timer.step_times) if timer.step_times else None,
         "kfac_mean_per_step": {k: statistics.fmean(v) for k, v in sorted(timer.kfac.items())},
@@ -123,12 +127,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+_REPORTED = (("test_acc", "test accuracy"), ("test_loss", "test loss"), ("val_acc", "val accuracy"),
+             ("val_loss", "val loss"), ("val_bpc", "val bits per character"))
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The end-of-run report: accuracies, budget, timings and the mean K-FAC metrics per step."""
     lines = [
         f"[{summary['strategy']}/{summary['model']} on {summary['data']}, {summary['world_size']} ranks]",
-        f"  test accuracy {summary['test_acc']:.4f}   test loss {summary['test_loss']:.4f}   "
-        f"val accuracy {summary['val_acc'] or float('nan'):.4f}",
+        "  " + "   ".join(f"{label} {summary[key]:.4f}" for key, label in _REPORTED if summary[key] is not None),
         f"  {summary['train_steps']} steps in {summary['epochs']} epochs, {summary['wall_time_s']:.1f} s "
         f"for fit + test, median step {1e3 * (summary['median_step_time_s'] or 0):.1f} ms",
     ]

@@ -12,7 +12,7 @@ import sys
 
 from lightning_dpkfac.hydra import schemas  # noqa: F401  (registers the Hydra schemas)
 from lightning_dpkfac.core.config import KFACConfig
-from lightning_dpkfac.core.layers import UnsupportedLayerError
+from lightning_dpkfac.core.errors import UnsupportedLayerError
 from lightning_dpkfac.core.preconditioner import KFACNumericalError, KFACPreconditioner
 from lightning_dpkfac.lightning.strategy import DPKFACStrategy, exit_process
 

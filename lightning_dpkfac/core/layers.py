@@ -30,12 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_dpkfac.core.attention import SelfAttentionForward, self_attention_forwards
 from lightning_dpkfac.core.blocks import Block, block_name, cut_layers
+from lightning_dpkfac.core.errors import UnsupportedLayerError
 from lightning_dpkfac.distributed.assignment import LayerShape
-
-
-class UnsupportedLayerError(ValueError):
-    """A layer that K-FAC cannot precondition exactly; the message names the layer and the fix."""
 
 
 class KFACLayer(ABC):
@@ -44,9 +42,11 @@ class KFACLayer(ABC):
 
     _channel_dim: int  # the dimension of the output that holds its features (channels)
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(self, name: str, module: nn.Module, weight_name: str | None = None) -> None:
         self.name = name
         self.module_name = name
+        #: the weight's parameter name in the model (``describe()`` tells other names of it as tied)
+        self.weight_name = weight_name or f"{name}.weight"
         self.module = module
         d_g, d_a = self.module_dims
         self.block = Block(0, d_g, 0, d_a)
@@ -339,26 +339,39 @@ def make_layer(name: str, module: nn.Module) -> KFACLayer:
     raise TypeError(f"no K-FAC helper for {type(module).__name__}")
 
 
+@dataclass
+class Discovery:
+    """What :func:`discover_layers` finds: the covered layers (blocks), the skipped modules with the reason,
+    and the self-attention forwards that make attention's projections visible (installed by the engine)."""
+
+    layers: list[KFACLayer]
+    skipped: dict[str, str]
+    attention: dict[str, SelfAttentionForward]
+
+
 def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str | None = None,
-                    world_size: int = 1, inv_update_steps: int = 10) -> tuple[list[KFACLayer], dict[str, str]]:
+                    world_size: int = 1, inv_update_steps: int = 10) -> Discovery:
     """The covered layers of ``model`` in registration order, each split into blocks as ``max_factor_dim``
     (``KFACConfig``) says for ``world_size`` ranks (:func:`~lightning_dpkfac.core.blocks.cut_layers`), and the skipped ones with
-    the reason.
+    the reason. A packed self-attention ``nn.MultiheadAttention`` gives two layers: ``<name>.in_proj``, a
+    ``Linear(E, 3E)`` (:mod:`lightning_dpkfac.core.attention`), and its ``out_proj``.
 
     ``skip`` holds module names or class names; a name that matches nothing is an error (a typo would
     otherwise silently precondition the layer the user meant to skip).
     """
     layers: list[KFACLayer] = []
-    skipped: dict[str, str] = {}
-    # nn.MultiheadAttention computes its output projection from out_proj.weight directly: the Linear's
-    # forward (and so any hook on it) never runs.
-    bypassed = {f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
-                if isinstance(m, nn.MultiheadAttention)}
+    attention, skipped = self_attention_forwards(model, skip)
+    # nn.MultiheadAttention computes its output projection from out_proj.weight directly: unless the engine
+    # runs the module's forward (attention), the Linear's forward (and so any hook on it) never runs.
+    bypassed = {f"{name}.out_proj" if name else "out_proj": reason for name, reason in skipped.items()}
     for name, module in model.named_modules():
+        if name in attention:
+            layers.append(LinearLayer(f"{name}.in_proj" if name else "in_proj", attention[name].in_proj,
+                                      f"{name}.in_proj_weight" if name else "in_proj_weight"))
         if not isinstance(module, SUPPORTED):
             continue
         if name in bypassed:
-            skipped[name] = "forward bypassed by nn.MultiheadAttention (it reads the weight directly)"
+            skipped[name] = f"forward bypassed by nn.MultiheadAttention, which is left plain: {bypassed[name]}"
         elif name in skip or type(module).__name__ in skip:
             skipped[name] = "in skip_layers"
         elif not module.weight.requires_grad:
@@ -372,7 +385,8 @@ def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str
         raise ValueError(f"skip_layers names {unknown}, which match no module name or class name in the model. "
                          f"Module names look like {names}.")
     grids = cut_layers([LayerShape(l.d_a, l.d_g) for l in layers], max_factor_dim, world_size, inv_update_steps)
-    return [part for layer, blocks in zip(layers, grids) for part in layer.split(blocks)], skipped
+    return Discovery([part for layer, blocks in zip(layers, grids) for part in layer.split(blocks)], skipped,
+                     attention)
 
 
 def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dict[str, str]) -> dict[str, str]:
@@ -380,7 +394,7 @@ def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dic
     a user sees what keeps its plain gradient: embeddings, norm layers, RNNs, bare ``nn.Parameter`` s, and
     the layers in ``skipped`` (``discover_layers``). A parameter shared with a covered layer is covered."""
     covered = {id(p) for layer in layers for p in layer.params()}
-    supported = ", ".join(t.__name__ for t in SUPPORTED)
+    supported = ", ".join([t.__name__ for t in SUPPORTED] + ["MultiheadAttention (self-attention)"])
     plain: dict[str, str] = {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -400,5 +414,5 @@ def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dic
 def tied_names(model: nn.Module, layer: KFACLayer) -> list[str]:
     """The other names under which ``model`` holds ``layer``'s weight (weight tying, e.g. an LM head that
     shares an embedding's matrix): its gradient sums every use, preconditioned with this layer's factors."""
-    own = f"{layer.module_name}.weight"
-    return [name for name, p in model.named_parameters(remove_duplicate=False) if p is layer.weight and name != own]
+    return [name for name, p in model.named_parameters(remove_duplicate=False)
+            if p is layer.weight and name != layer.weight_name]

@@ -76,8 +76,8 @@ class KFACPreconditioner:
         self.model = model
         self.comm = Communicator(process_group, int(cfg.kfac_bucket_cap_mb * 2**20))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.layers, self.skipped = discover_layers(model, cfg.skip_layers, cfg.max_factor_dim, self.world_size,
-                                                    cfg.inv_update_steps)
+        found = discover_layers(model, cfg.skip_layers, cfg.max_factor_dim, self.world_size, cfg.inv_update_steps)
+        self.layers, self.skipped, self._attention = found.layers, found.skipped, found.attention
         #: trainable parameters left to their plain gradient, with the reason (``describe()`` lists them)
         self.plain = plain_parameters(model, self.layers, self.skipped)
         shapes = [LayerShape(l.d_a, l.d_g) for l in self.layers]
@@ -97,6 +97,8 @@ class KFACPreconditioner:
                         for i, layer in enumerate(self.layers) if self.distribution.builds_factors(i)}
         self._dtypes = {i: s.dtype for i, s in self._states.items()}
         self._capture = CaptureManager(self.timer)
+        for forward in self._attention.values():  # attention's projections run as modules from now on
+            forward.install()
         for i, state in self._states.items():
             self._capture.add_factors(self.layers[i], state, self.distribution.keeps_rows)
         self._rows = RowGatherer(self.layers, self.owners, self.comm, self._capture)
@@ -287,9 +289,12 @@ class KFACPreconditioner:
         self._capture.loss_scale_fn = scale_fn
 
     def remove_hooks(self) -> None:
-        """Detach from the model; the preconditioner stops capturing."""
+        """Detach from the model; the preconditioner stops capturing, and attention modules run their own
+        forward again."""
         self._rows.remove()
         self._capture.remove()
+        for forward in self._attention.values():
+            forward.remove()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

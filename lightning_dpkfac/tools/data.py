@@ -1,8 +1,10 @@
-"""Real, small classification data that needs no download: scikit-learn's 8x8 digits and MNIST-1D.
+"""Real, small data that needs no download: scikit-learn's 8x8 digits, MNIST-1D and Python source text.
 
 - ``DigitsDataModule``: the 1,797 8x8 grey-scale digits shipped inside scikit-learn.
 - ``MNIST1DDataModule``: MNIST-1D (Greydanus 2020), 1-D signals of length 40 generated procedurally by the
   ``mnist1d`` package's own generator (``mnist1d.data.make_dataset``: no file is read or written).
+- ``CharLMDataModule``: character-level language modelling on the source files of the running interpreter's
+  standard library (needs nothing beyond Python itself).
 
 scikit-learn and ``mnist1d`` (like matplotlib for plots) come with the ``examples`` extra, not with a plain
 ``pip install``: they are imported when data is built, under :func:`~lightning_dpkfac.tools.extras.needs_extra`.
@@ -11,12 +13,15 @@ scikit-learn and ``mnist1d`` (like matplotlib for plots) come with the ``example
 from __future__ import annotations
 
 import random
+import sysconfig
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from lightning_dpkfac.tools.extras import needs_extra
 
@@ -163,3 +168,153 @@ def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+#: The standard-library modules (paths under ``sysconfig.get_paths()["stdlib"]``, without ".py") whose source
+#: files, in this order, are the text of ``CharLMDataModule``. Each is a pure-Python file in every CPython >= 3.10;
+#: modules that became packages (``pathlib``, ``re``, ``string``, ``zipfile``) or thin wrappers of a C module
+#: (``datetime``, ``decimal``, ``warnings``) in a later version are left out.
+DEFAULT_MODULES: tuple[str, ...] = (
+    "abc", "argparse", "ast", "bisect", "calendar", "collections/__init__", "contextlib", "copy", "csv",
+    "dataclasses", "enum", "fnmatch", "functools", "graphlib", "heapq", "inspect", "json/decoder", "json/encoder",
+    "textwrap", "typing",
+)
+
+#: The vocabulary: tab, newline and the 95 printable ASCII characters (space to "~") have ids 0 to 96.
+CHARS = "\t\n" + "".join(map(chr, range(32, 127)))
+#: The id of every other character.
+UNKNOWN_ID = len(CHARS)
+VOCAB_SIZE = len(CHARS) + 1
+
+_ASCII_TO_ID = torch.full((128,), UNKNOWN_ID, dtype=torch.int64)
+_ASCII_TO_ID[[ord(c) for c in CHARS]] = torch.arange(len(CHARS))
+
+
+def stdlib_sources(modules: Sequence[str] = DEFAULT_MODULES) -> list[str]:
+    """The source text of each of ``modules`` (e.g. "json/decoder"), read from the running interpreter's
+    standard library. Raises ``FileNotFoundError`` naming a module whose file is missing."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for module in modules:
+        path = stdlib / f"{module}.py"
+        if not path.is_file():
+            raise FileNotFoundError(f"module {module!r}: its standard-library source file {path} is missing.")
+        texts.append(path.read_text(encoding="utf-8"))
+    return texts
+
+
+def encode(text: str) -> Tensor:
+    """``text`` as ids in ``range(VOCAB_SIZE)`` (see ``CHARS``; any other character is ``UNKNOWN_ID``):
+    (len(text),) int64."""
+    codes = torch.from_numpy(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64))
+    return _ASCII_TO_ID[codes.clamp(max=127)]  # 127 (DEL) and beyond are unknown
+
+
+class _Windows(Dataset):
+    """The windows of ``seq_len + 1`` ids of ``ids`` that start every ``stride`` ids: item ``i`` is
+    ``(input, target)``, both (seq_len,) int64, from ``ids[i * stride:][:seq_len + 1]``, the target being the
+    input shifted by one character."""
+
+    def __init__(self, ids: Tensor, seq_len: int, stride: int) -> None:
+        if len(ids) <= seq_len:
+            raise ValueError(f"{len(ids)} characters are too few for one window of seq_len={seq_len} + 1.")
+        self.ids, self.seq_len, self.stride = ids, seq_len, stride
+
+    def __len__(self) -> int:
+        return (len(self.ids) - self.seq_len - 1) // self.stride + 1
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        window = self.ids[index * self.stride:index * self.stride + self.seq_len + 1]
+        return window[:-1], window[1:]
+
+
+class _RandomWindows(Sampler[int]):
+    """``num_samples`` indices drawn uniformly, with replacement, from ``range(num_windows)`` by a generator seeded
+    with ``seed + epoch``: the same on every rank, different each epoch. Lightning calls ``set_epoch`` (under DDP
+    through its ``DistributedSamplerWrapper``, which then deals the indices out to the ranks)."""
+
+    def __init__(self, num_windows: int, num_samples: int, seed: int) -> None:
+        self.num_windows, self.num_samples, self.seed = num_windows, num_samples, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randint(self.num_windows, (self.num_samples,), generator=generator).tolist())
+
+
+class CharLMDataModule(pl.LightningDataModule):
+    """Character-level language modelling on Python source: the files of ``modules`` from the running interpreter's
+    standard library (``stdlib_sources``), so the text is the same on every machine with the same Python minor
+    version, and needs no download. With ``DEFAULT_MODULES`` on CPython 3.11.7 it has 806,610 characters
+    (725,948 train, 80,662 val); 2 are outside the vocabulary.
+
+    Characters become ids (``encode``): tab, newline and the 95 printable ASCII characters, and one unknown id for
+    anything else (``vocab_size`` = 98). The last ``round(val_fraction * n)`` characters of each file (of ``n``)
+    are validation text, the rest training text; each split is its files' parts concatenated in order.
+
+    Batches are ``(x, y)``, both int64 of shape (B, seq_len), with ``y[:, t] = x[:, t + 1]`` within the window:
+    ``y`` is the next character of each position. An epoch of training draws ``len(train_ids) // seq_len``
+    windows at uniformly random starts (with replacement, seeded by ``seed + epoch``); validation reads the
+    consecutive windows that start every ``seq_len`` characters, so every validation character but the first
+    is predicted exactly once.
+
+    Args:
+        batch_size: windows per batch, per rank (default: 64).
+        seq_len: characters per example (default: 64).
+        val_fraction: fraction of each file's characters, at its end, held out for validation (default: 0.1).
+        modules: standard-library modules, as paths without ".py" (default: ``DEFAULT_MODULES``).
+        seed: seed of the training windows (default: 0).
+        num_workers: data-loader worker processes (default: 0).
+    """
+
+    def __init__(self, batch_size: int = 64, seq_len: int = 64, val_fraction: float = 0.1,
+                 modules: Sequence[str] = DEFAULT_MODULES, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction} is invalid: it must be in (0, 1).")
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len} is invalid: it must be >= 1.")
+        if not modules:
+            raise ValueError("modules is empty: name at least one standard-library module.")
+        self.save_hyperparameters()  # the settings, read back from self.hparams
+        self.vocab_size = VOCAB_SIZE
+        self.train_ids: Tensor | None = None
+        self.val_ids: Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and split the text (every rank does the same, deterministic work)."""
+        if self.train_ids is not None:
+            return
+        train, val = [], []
+        for text in stdlib_sources(list(self.hparams.modules)):
+            ids = encode(text)
+            cut = len(ids) - round(self.hparams.val_fraction * len(ids))
+            train.append(ids[:cut])
+            val.append(ids[cut:])
+        self.train_ids, self.val_ids = torch.cat(train), torch.cat(val)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler[int] | None = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def _ids(self, ids: Tensor | None) -> Tensor:
+        if ids is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run yet.")
+        return ids
+
+    def train_dataloader(self) -> DataLoader:
+        """Windows at random starts, ``len(train_ids) // seq_len`` per epoch (shared out among ranks under DDP)."""
+        seq_len = self.hparams.seq_len
+        windows = _Windows(self._ids(self.train_ids), seq_len, stride=1)
+        num_samples = len(self.train_ids) // seq_len
+        return self._loader(windows, _RandomWindows(len(windows), num_samples, self.hparams.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        """Consecutive windows, in order."""
+        return self._loader(_Windows(self._ids(self.val_ids), self.hparams.seq_len, stride=self.hparams.seq_len))

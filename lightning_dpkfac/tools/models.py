@@ -1,12 +1,13 @@
-"""Networks for 8x8 digits, MNIST-1D and CIFAR-shaped (3x32x32) inputs, and a LightningModule that trains
-any classifier.
+"""Networks for 8x8 digits, MNIST-1D and CIFAR-shaped (3x32x32) inputs, a character-level Transformer
+language model, and the LightningModules that train a classifier or a language model.
 
-K-FAC covers the networks' Linear, Conv1d and Conv2d (groups=1) layers; every other parameter (BatchNorm,
-LayerNorm, embeddings, attention's fused input projection) keeps its plain gradient.
+K-FAC covers the networks' Linear, Conv1d and Conv2d (groups=1) layers and self-attention's projections;
+every other parameter (BatchNorm, LayerNorm, embeddings) keeps its plain gradient.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 OPTIMIZERS = ("sgd", "adam")
@@ -144,6 +146,14 @@ def resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Sequential:
     )
 
 
+def _pre_norm_encoder(d_model: int, nhead: int, num_layers: int, dim_feedforward: int,
+                      dropout: float) -> nn.TransformerEncoder:
+    """``num_layers`` pre-norm ``nn.TransformerEncoderLayer`` on (B, T, d_model) inputs (batch_first)."""
+    layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=dropout, batch_first=True,
+                                       norm_first=True)
+    return nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+
 class TransformerClassifier(nn.Module):
     """A Transformer encoder over a sequence of tokens cut from the input: (B, ...) -> (B, num_classes).
 
@@ -151,9 +161,8 @@ class TransformerClassifier(nn.Module):
     of 4 samples), embedded by a Linear, given a learned position embedding, encoded by ``num_layers``
     ``nn.TransformerEncoderLayer`` (batch_first, pre-norm), mean-pooled over tokens and classified.
 
-    ``nn.MultiheadAttention`` applies its projections functionally (``in_proj_weight``, and even its
-    ``out_proj`` Linear is never called as a module), so attention keeps its plain gradient; K-FAC
-    preconditions the embedding, the feed-forward Linears and the head.
+    K-FAC preconditions the embedding Linear, attention's q/k/v and output projections
+    (:mod:`lightning_dpkfac.core.attention`), the feed-forward Linears and the head.
     """
 
     def __init__(
@@ -171,10 +180,7 @@ class TransformerClassifier(nn.Module):
         self.seq_len, self.token_dim = seq_len, token_dim
         self.embed = nn.Linear(token_dim, d_model)
         self.position = nn.Parameter(torch.randn(1, seq_len, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout=dropout, batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.encoder = _pre_norm_encoder(d_model, nhead, num_layers, dim_feedforward, dropout)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
 
@@ -189,7 +195,90 @@ class TransformerClassifier(nn.Module):
 transformer_classifier = TransformerClassifier
 
 
-class ClassifierModule(pl.LightningModule):
+class CharTransformer(nn.Module):
+    """A causal Transformer language model over characters: (B, T) int64 ids, T <= ``seq_len`` -> (B, T,
+    ``vocab_size``) logits, where position t sees the ids at positions <= t only.
+
+    Token and learned position ``nn.Embedding``s, ``num_layers`` ``nn.TransformerEncoderLayer`` (batch_first,
+    pre-norm) under a causal mask, a final ``nn.LayerNorm`` and a Linear head, whose weight is the token
+    embedding's when ``tie_weights``. Only PyTorch's own modules: K-FAC preconditions attention's projections,
+    the feed-forward Linears and the head; the embeddings and norms keep their plain gradient (for now). A tied
+    head weight is preconditioned with the head's factors, its gradient from the embedding included.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 98,
+        d_model: int = 64,
+        nhead: int = 4,
+        num_layers: int = 2,
+        dim_feedforward: int = 128,
+        seq_len: int = 64,
+        dropout: float = 0.0,
+        tie_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(seq_len, d_model)
+        # N(0, 1), the nn.Embedding default, would make tied logits ~sqrt(d_model) large at the start.
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
+        self.encoder = _pre_norm_encoder(d_model, nhead, num_layers, dim_feedforward, dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        if tie_weights:
+            self.head.weight = self.embed.weight
+        # True above the diagonal: position t may not attend to t' > t. A bool mask (rather than a float one) is
+        # made into the activations' dtype by the encoder, so it also works under mixed precision.
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1)
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        length = ids.shape[1]
+        if length > self.seq_len:
+            raise ValueError(f"a sequence of {length} ids is longer than seq_len={self.seq_len}.")
+        h = self.embed(ids) + self.position(torch.arange(length, device=ids.device))
+        h = self.encoder(h, mask=self.causal_mask[:length, :length], is_causal=True)
+        return self.head(self.norm(h))
+
+
+#: The factory name, like ``mlp``, ``cnn``: defaults for ``CharLMDataModule``'s 98 ids and 64-character windows.
+char_transformer = CharTransformer
+
+
+class _NetModule(pl.LightningModule):
+    """Holds ``net`` and builds its optimizer: a named one ("sgd", "adam") from the hyper-parameters, or the
+    given callable. Saves the hyper-parameters of the subclass's ``__init__`` too (all but ``net``)."""
+
+    def __init__(self, net: nn.Module, lr: float, momentum: float, weight_decay: float,
+                 optimizer: str | OptimizerFactory) -> None:
+        super().__init__()
+        if not callable(optimizer) and optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer={optimizer!r} is invalid: it must be one of {OPTIMIZERS} or a callable "
+                "params -> torch.optim.Optimizer."
+            )
+        # A callable (e.g. functools.partial) is not a hyper-parameter a logger can write as YAML, and it
+        # carries its own lr: record only what is used.
+        unused = ["optimizer", "lr", "momentum", "weight_decay"] if callable(optimizer) else []
+        self.save_hyperparameters(ignore=["net", *unused])
+        self.net = net
+        self._optimizer = optimizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> Any:
+        if callable(self._optimizer):
+            return self._optimizer(self.parameters())
+        hp = self.hparams
+        if hp.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+
+class ClassifierModule(_NetModule):
     """Trains ``net`` (inputs -> logits over ``num_classes`` classes) with cross-entropy.
 
     Logs ``train/loss`` and ``train/acc`` per step, ``val/loss``, ``val/acc``, ``test/loss`` and
@@ -215,24 +304,10 @@ class ClassifierModule(pl.LightningModule):
         optimizer: str | OptimizerFactory = "sgd",
         num_classes: int = 10,
     ) -> None:
-        super().__init__()
-        if not callable(optimizer) and optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer={optimizer!r} is invalid: it must be one of {OPTIMIZERS} or a callable "
-                "params -> torch.optim.Optimizer."
-            )
-        # A callable (e.g. functools.partial) is not a hyper-parameter a logger can write as YAML, and it
-        # carries its own lr: record only what is used.
-        unused = ["optimizer", "lr", "momentum", "weight_decay"] if callable(optimizer) else []
-        self.save_hyperparameters(ignore=["net", *unused])
-        self.net = net
-        self._optimizer = optimizer
+        super().__init__(net, lr, momentum, weight_decay, optimizer)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -257,10 +332,48 @@ class ClassifierModule(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_acc)
 
-    def configure_optimizers(self) -> Any:
-        if callable(self._optimizer):
-            return self._optimizer(self.parameters())
-        hp = self.hparams
-        if hp.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+class LanguageModelModule(_NetModule):
+    """Trains ``net`` ((B, T) int64 ids -> (B, T, vocab) logits) to predict the next character at every position,
+    with cross-entropy; batches are ``(x, y)``, both (B, T), ``y`` the next characters (``CharLMDataModule``).
+
+    Logs ``train/loss`` per step (nats per character), and per epoch ``val/loss`` (nats per character) and
+    ``val/bpc`` (bits per character: ``val/loss`` / ln 2), each averaged over every validation character of
+    every rank.
+
+    Args:
+        net: the network.
+        lr: learning rate of a named optimizer (default: 0.1).
+        momentum: SGD momentum (default: 0.9; unused by Adam).
+        weight_decay: L2 weight decay of a named optimizer (default: 0.0).
+        optimizer: "sgd", "adam", or a callable that builds the optimizer from the parameters, as for
+            ``ClassifierModule`` (default: "sgd").
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: str | OptimizerFactory = "sgd",
+    ) -> None:
+        super().__init__(net, lr, momentum, weight_decay, optimizer)
+        self.val_nats = MeanMetric()  # per character; syncs its sum and count over ranks when computed
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_nats.update(F.cross_entropy(self(x).flatten(0, 1), y.flatten(), reduction="none"))
+
+    def on_validation_epoch_end(self) -> None:
+        nats = self.val_nats.compute()
+        self.val_nats.reset()
+        # Already the mean over ranks: sync_dist only averages equal values (and keeps Lightning from warning).
+        self.log("val/loss", nats, sync_dist=True)
+        self.log("val/bpc", nats / math.log(2), prog_bar=True, sync_dist=True)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lightning_dpkfac.core.config import METHODS, KFACConfig, check_max_factor_dim
 from lightning_dpkfac.core.decomposition import decomposition_for
 from lightning_dpkfac.core.factors import keeps_as_rows
-from lightning_dpkfac.core.layers import KFACLayer, LinearLayer, discover_layers
+from lightning_dpkfac.core.layers import Discovery, KFACLayer, LinearLayer, discover_layers
 from lightning_dpkfac.distributed.assignment import (
     LayerShape,
     assign_owners,
@@ -62,8 +62,9 @@ def shapes_of(model: nn.Module, skip_layers: Sequence[str] = (), name: str | Non
     """The shape table of a live ``model``, with the engine's own layer discovery (and splitting into
     blocks for ``world_size`` ranks). Linear layers get ``rows_per_example`` from a forward pass of
     ``example_input`` (a batch), or 1 without one."""
-    layers, _ = discover_layers(model, list(skip_layers), max_factor_dim, world_size, inv_update_steps)
-    rows = _rows_per_example(model, layers, example_input)
+    found = discover_layers(model, list(skip_layers), max_factor_dim, world_size, inv_update_steps)
+    layers = found.layers
+    rows = _rows_per_example(model, found, example_input)
     covered = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in covered)
     params = [layer.weight for layer in layers] or list(model.parameters())
@@ -75,7 +76,8 @@ def shapes_of(model: nn.Module, skip_layers: Sequence[str] = (), name: str | Non
     )
 
 
-def _rows_per_example(model: nn.Module, layers: Sequence[KFACLayer], example: Tensor | None) -> dict[str, int]:
+def _rows_per_example(model: nn.Module, found: Discovery, example: Tensor | None) -> dict[str, int]:
+    layers = found.layers
     rows = {layer.name: int(isinstance(layer, LinearLayer)) for layer in layers}
     if example is None:
         return rows
@@ -85,12 +87,16 @@ def _rows_per_example(model: nn.Module, layers: Sequence[KFACLayer], example: Te
         seen.setdefault(name, inputs[0][0].numel() // inputs[0].shape[-1])
 
     handles = [layer.module.register_forward_hook(partial(record, layer.name)) for layer in layers if rows[layer.name]]
+    for forward in found.attention.values():  # so that attention's projections run as modules
+        forward.install()
     try:
         with torch.no_grad():
             model(example)
     finally:
         for handle in handles:
             handle.remove()
+        for forward in found.attention.values():
+            forward.remove()
     return {name: seen.get(name, n) if n else 0 for name, n in rows.items()}
 
 

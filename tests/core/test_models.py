@@ -74,21 +74,6 @@ def test_accumulated_micro_batches_average_their_factors() -> None:
     torch.testing.assert_close(G, sum(expected_G) / 2)
 
 
-def test_attention_out_proj_is_left_plain_and_the_encoder_trains() -> None:
-    torch.manual_seed(0)
-    enc = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True, dropout=0.0)
-    model = nn.Sequential(enc, nn.Flatten(), nn.Linear(8 * 5, 3))
-    pre = KFACPreconditioner(model, kl_clip=None)
-    assert [l.name for l in pre.layers] == ["0.linear1", "0.linear2", "2"]
-    assert "reads the weight directly" in pre.skipped["0.self_attn.out_proj"]
-    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
-    F.cross_entropy(model(x), y).backward()
-    plain = enc.self_attn.out_proj.weight.grad.clone()
-    pre.step()
-    assert torch.equal(enc.self_attn.out_proj.weight.grad, plain)
-    assert all(pre.factors(n) is not None for n in ("0.linear1", "0.linear2", "2"))
-
-
 def test_compiled_model_gets_the_same_factors_and_gradients() -> None:
     results = []
     for compiled in (False, True):

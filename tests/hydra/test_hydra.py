@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import math
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from conftest import ROOT
 import lightning_dpkfac
 from lightning_dpkfac.hydra.schemas import DDP_KEYWORDS, DPKFACStrategySchema
-from lightning_dpkfac.tools.models import ClassifierModule
+from lightning_dpkfac.tools.models import ClassifierModule, LanguageModelModule
 
 CONF = ROOT / "conf"
 TRAIN = ROOT / "examples" / "train.py"
@@ -75,7 +76,8 @@ def test_every_config_option_composes_and_builds_its_objects(
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install '.[optuna]'")
     cfg = compose_config(f"{group}={option}", *_on_this_machine(group, option))
     trainer, module, data, _ = train_app.build(cfg)
-    assert isinstance(module, ClassifierModule) and isinstance(trainer.strategy, DDPStrategy)
+    expected = LanguageModelModule if option == "charlm_transformer" else ClassifierModule
+    assert type(module) is expected and isinstance(trainer.strategy, DDPStrategy)
     assert isinstance(module.configure_optimizers(), torch.optim.Optimizer)
     assert data is not None
 
@@ -88,7 +90,21 @@ def test_every_experiment_model_reads_its_data(
     _, module, data, _ = train_app.build(cfg)
     data.setup("fit")
     x, y = next(iter(data.train_dataloader()))
-    assert module(x).shape == (len(y), 10)
+    # A class per example, or (language models) a character per position.
+    assert module(x).shape == (*y.shape, getattr(data, "vocab_size", 10))
+
+
+def test_the_charlm_experiment_resolves_to_a_language_model_of_its_data(
+    compose_config: Callable[..., DictConfig]
+) -> None:
+    cfg = compose_config("experiment=charlm_transformer", "data.seq_len=32")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["data"]["_target_"] == "lightning_dpkfac.tools.data.CharLMDataModule"
+    assert resolved["model"]["_target_"] == "lightning_dpkfac.tools.models.char_transformer"
+    assert resolved["model"]["seq_len"] == resolved["data"]["seq_len"] == 32
+    assert instantiate(cfg.data).vocab_size == resolved["model"]["vocab_size"]
+    assert resolved["module"]["_target_"] == "lightning_dpkfac.tools.models.LanguageModelModule"
+    assert resolved["optimized_metric"] == "val_loss"
 
 
 def test_strategy_options_build_dpkfac_dkfac_and_plain_ddp(
@@ -236,6 +252,22 @@ def test_compare_runs_reads_a_multirun_into_a_table_and_a_plot(
     assert [row["run"] for row in rows] == ["strategy.damping=0.01", "strategy.damping=0.003"]
     assert all(0 <= float(row["test_acc"]) <= 1 for row in rows)
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.timeout(300)
+def test_the_charlm_experiment_trains_on_two_ranks_and_reports_bits_per_character(
+    clean_env: dict[str, str], tmp_path: Path, run_script: Callable[..., Any]
+) -> None:
+    result = run_script([sys.executable, str(TRAIN), f"hydra.run.dir={tmp_path}", "experiment=charlm_transformer",
+                         "trainer.max_epochs=1", "trainer.limit_train_batches=8", "trainer.limit_val_batches=4",
+                         "trainer.enable_progress_bar=false"], clean_env, ROOT, 240)
+    assert result.returncode == 0, result.stdout[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["strategy"], summary["model"], summary["world_size"]) == ("dpkfac", "char_transformer", 2)
+    assert summary["test_acc"] is None and summary["val_acc"] is None
+    # 98 characters: an untrained model is near log2(98) = 6.6 bits; 8 steps already beat the uniform guess.
+    assert 0 < summary["val_bpc"] < 6.6 and summary["val_bpc"] == pytest.approx(summary["val_loss"] / math.log(2))
+    assert "val bits per character" in result.stdout
 
 
 @pytest.mark.slow

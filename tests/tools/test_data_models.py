@@ -82,10 +82,11 @@ def test_kfac_covers_every_conv_and_linear_of_cnn1d_and_resnet_small() -> None:
         assert _preconditioned_after_one_step(net, x) == expected
 
 
-def test_kfac_covers_the_transformers_embedding_feed_forward_and_head_not_attention() -> None:
+def test_kfac_covers_the_transformers_embedding_attention_feed_forward_and_head() -> None:
     net = transformer_classifier(num_layers=1)
     covered = _preconditioned_after_one_step(net, torch.randn(4, 1, 8, 8))
-    assert covered == {"embed", "encoder.layers.0.linear1", "encoder.layers.0.linear2", "head"}
+    assert covered == {"embed", "encoder.layers.0.self_attn.in_proj", "encoder.layers.0.self_attn.out_proj",
+                       "encoder.layers.0.linear1", "encoder.layers.0.linear2", "head"}
 
 
 def test_the_cifar_shaped_models_have_the_wide_factors_they_are_meant_to_stress() -> None:
