@@ -229,6 +229,23 @@ def make_dominant_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(150, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
+class SelfAttentionBlock(nn.Module):
+    """``nn.MultiheadAttention`` on one (B, T, 8) input: K-FAC layers ``in_proj`` (8 -> 24) and ``out_proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def make_attention_model() -> nn.Sequential:
+    """Self-attention between two Linears on (B, 4, 5) inputs: every K-FAC layer sees 4 rows per example."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), SelfAttentionBlock(), nn.Flatten(), nn.Linear(32, 3))
+
+
 #: name -> (model factory, shape of one rank's batch, max_factor_dim)
 MODELS = {
     "conv": (make_model, (6, 2, 5, 5), None),
@@ -236,6 +253,7 @@ MODELS = {
     "conv_blocks": (make_model, (6, 2, 5, 5), 40),  # the Linear's A (101) in three blocks
     "wide_blocks": (make_wide_model, (3, 40), 16),  # six blocks, each gathering its rows
     "dominant_auto": (make_dominant_model, (6, 150), "auto"),  # the first Linear in two blocks on 2 ranks
+    "attention": (make_attention_model, (3, 4, 5), None),
 }
 
 
@@ -274,8 +292,10 @@ def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
 @pytest.mark.parametrize("mode", ["ddp", "dkfac", "dpkfac"])
 def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mode: str, model_name: str) -> None:
     make, batch_shape, max_factor_dim = MODELS[model_name]
-    shapes = shapes_of(make(), max_factor_dim=max_factor_dim, world_size=world_size,
-                       inv_update_steps=HP["inv_update_steps"])
+    shapes = shapes_of(make(), example_input=torch.randn(*batch_shape), max_factor_dim=max_factor_dim,
+                       world_size=world_size, inv_update_steps=HP["inv_update_steps"])
+    if model_name == "attention":
+        assert [name for name, _ in shapes.layers] == ["0", "1.attn.in_proj", "1.attn.out_proj", "3"]
     predicted = predict_bytes(shapes, world_size, mode, factor_update_steps=HP["factor_update_steps"], steps=STEPS,
                               inv_update_steps=HP["inv_update_steps"],
                               batch_size=batch_shape[0])
