@@ -2,24 +2,27 @@
 their inputs and output gradients.
 
 ``nn.MultiheadAttention`` computes its q/k/v projection from ``in_proj_weight`` and its output projection from
-``out_proj.weight`` inside ``F.multi_head_attention_forward``: no module forward runs for either. For a
-self-attention module (query, key and value the same tensor, one packed ``in_proj_weight``) the engine
-replaces the module's ``forward`` (:class:`SelfAttentionForward`) by the same computation written with
+``out_proj.weight`` inside ``F.multi_head_attention_forward``: no module forward runs for either. The engine
+replaces a covered module's ``forward`` (:class:`AttentionForward`) by the same computation written with
+projection modules (:class:`Projection`) whose weight and bias *are* ``in_proj_weight`` and ``in_proj_bias``:
 
-- :class:`InProjection`: ``Linear(E, 3E)`` on the input, whose weight and bias *are* ``in_proj_weight`` and
-  ``in_proj_bias`` (a K-FAC layer like any Linear, cut by ``max_factor_dim`` like one);
-- ``out_proj`` called as the ``nn.Linear`` it is, on the attention output;
+- self-attention (query, key and value the same tensor): one ``Linear(E, 3E)`` on the input, ``<name>.in_proj``
+  (cut by ``max_factor_dim`` like any Linear);
+- cross-attention (``nn.TransformerDecoderLayer.multihead_attn``: query from the target, key and value from the
+  memory): three ``Linear(E, E)``, ``<name>.q_proj``, ``<name>.k_proj``, ``<name>.v_proj``, rows 0:E, E:2E and
+  2E:3E of the packed weight, each on its own input;
 
-and scaled dot-product attention between them, with the module's masks, dropout and attention weights.
-The parameters, the state dict and the outputs stay the module's own (equal up to float round-off); removing
-the engine's hooks restores the original ``forward``. Modules that are not packed self-attention
-(cross-attention, ``kdim``/``vdim``, ``add_bias_kv``, ``add_zero_attn``) keep their plain gradient, with the
-reason in ``describe()`` (:func:`unsupported_reason`).
+then ``out_proj`` called as the ``nn.Linear`` it is, on the attention output, with scaled dot-product attention
+in between (the module's masks, dropout and attention weights). The parameters, the state dict and the outputs
+stay the module's own (equal up to float round-off); removing the engine's hooks restores the original
+``forward``. Modules with ``kdim``/``vdim`` (separate weights), ``add_bias_kv`` or ``add_zero_attn`` keep their
+plain gradient, with the reason in ``describe()`` (:func:`unsupported_reason`).
 """
 
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,28 +30,26 @@ from torch import Tensor, nn
 from lightning_dpkfac.core.errors import UnsupportedLayerError
 
 
-class InProjection(nn.Module):
-    """The packed q/k/v projection of a self-attention module as a module: ``x (..., E) -> (..., 3E)``. It is
-    not registered in the model (its parameters are the attention module's)."""
+class Projection(nn.Module):
+    """Rows ``rows`` of an attention module's packed q/k/v projection as a module: ``x (..., E) -> (..., rows)``,
+    all 3E rows for self-attention. It is not registered in the model (its parameters are the module's)."""
 
-    def __init__(self, attention: nn.MultiheadAttention) -> None:
+    def __init__(self, attention: nn.MultiheadAttention, rows: tuple[int, int]) -> None:
         super().__init__()
         self.weight = attention.in_proj_weight
         self.bias = attention.in_proj_bias
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
+        self.rows = rows
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        r0, r1 = self.rows
+        if (r0, r1) == (0, self.weight.shape[0]):
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight[r0:r1], None if self.bias is None else self.bias[r0:r1])
 
 
-def unsupported_reason(name: str, attention: nn.MultiheadAttention, parent: nn.Module | None) -> str | None:
-    """Why K-FAC leaves ``attention`` (named ``name``, a child of ``parent``) to its plain gradient, or ``None``
-    if it is packed self-attention that :class:`SelfAttentionForward` can run."""
-    if isinstance(parent, nn.TransformerDecoderLayer) and attention is parent.multihead_attn:
-        return "cross-attention (query from the target, key and value from the memory) is not covered yet"
+def unsupported_reason(name: str, attention: nn.MultiheadAttention) -> str | None:
+    """Why K-FAC leaves ``attention`` (named ``name``) to its plain gradient, or ``None`` if
+    :class:`AttentionForward` can run it."""
     if not attention._qkv_same_embed_dim:
         return "separate q/k/v weights (kdim or vdim differs from embed_dim) are not covered yet"
     if attention.bias_k is not None or attention.add_zero_attn:
@@ -56,15 +57,21 @@ def unsupported_reason(name: str, attention: nn.MultiheadAttention, parent: nn.M
     return None
 
 
-class SelfAttentionForward:
-    """The forward of a packed self-attention ``nn.MultiheadAttention``, through :class:`InProjection` and
-    ``out_proj`` calls; set as the module's ``forward`` by :meth:`install`, with the same signature and
-    results as ``nn.MultiheadAttention.forward``."""
+class AttentionForward:
+    """The forward of a covered ``nn.MultiheadAttention`` through :class:`Projection` modules and ``out_proj``;
+    set as the module's ``forward`` by :meth:`install`, with the same signature and results as
+    ``nn.MultiheadAttention.forward``. ``cross``: three projections, one per input (else one packed)."""
 
-    def __init__(self, name: str, attention: nn.MultiheadAttention) -> None:
+    def __init__(self, name: str, attention: nn.MultiheadAttention, cross: bool) -> None:
         self.name = name
         self.attention = attention
-        self.in_proj = InProjection(attention)
+        self.cross = cross
+        prefix = f"{name}." if name else ""
+        e = attention.embed_dim
+        #: the projections by the names of their K-FAC layers
+        rows = {f"{prefix}{p}_proj": (i * e, (i + 1) * e) for i, p in enumerate("qkv")} if cross \
+            else {f"{prefix}in_proj": (0, 3 * e)}
+        self.projections = {layer: Projection(attention, r) for layer, r in rows.items()}
 
     def install(self) -> None:
         self.attention.forward = self  # an instance attribute: nn.Module.__call__ reads self.forward
@@ -77,25 +84,29 @@ class SelfAttentionForward:
                  need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                  is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         m = self.attention
-        if not (query is key and key is value):
+        if not self.cross and not (query is key and key is value):
             raise UnsupportedLayerError(
                 f"nn.MultiheadAttention '{self.name}' is preconditioned by K-FAC as self-attention (query, key and "
-                "value the same tensor), but was called with different ones. Cross-attention is not covered yet. "
-                f"Fix: add '{self.name}' to skip_layers (its projections then keep their plain gradient).")
+                "value the same tensor), but was called with different ones; only the cross-attention of "
+                f"nn.TransformerDecoderLayer is known to be one. Fix: add '{self.name}' to skip_layers (its "
+                "projections then keep their plain gradient).")
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention).")
         batched = query.dim() == 3
-        x = query if batched else query.unsqueeze(0)  # unbatched (L, E) as (1, L, E)
-        if not m.batch_first and batched:
-            x = x.transpose(0, 1)  # (L, B, E) -> (B, L, E): K-FAC counts examples along the first dimension
-        batch, length, embed = x.shape
-        heads, head_dim = m.num_heads, embed // m.num_heads
+
+        def batch_major(t: Tensor) -> Tensor:  # K-FAC counts examples along the first dimension: (B, L, E)
+            t = t if batched else t.unsqueeze(0)  # unbatched (L, E) as (1, L, E)
+            return t.transpose(0, 1) if batched and not m.batch_first else t
 
         def split_heads(t: Tensor) -> Tensor:  # (B, L, E) -> (B, H, L, head_dim)
-            return t.reshape(batch, length, heads, head_dim).transpose(1, 2)
+            return t.reshape(t.shape[0], t.shape[1], m.num_heads, m.head_dim).transpose(1, 2)
 
-        q, k, v = (split_heads(t) for t in self.in_proj(x).chunk(3, dim=-1))
-        mask = _merged_mask(attn_mask, key_padding_mask, batch, heads, length, x.dtype)
+        if self.cross:
+            q, k, v = (split_heads(p(batch_major(t))) for p, t in zip(self.projections.values(), (query, key, value)))
+        else:
+            q, k, v = (split_heads(t) for t in next(iter(self.projections.values()))(batch_major(query)).chunk(3, -1))
+        batch, heads, length, head_dim = q.shape
+        mask = _merged_mask(attn_mask, key_padding_mask, batch, heads, length, k.shape[2], q.dtype)
         dropout = m.dropout if m.training else 0.0
         if need_weights:
             scores = (q * math.sqrt(1.0 / head_dim)) @ k.transpose(-2, -1)
@@ -103,7 +114,7 @@ class SelfAttentionForward:
             out = F.dropout(weights, p=dropout) @ v if dropout > 0 else weights @ v
         else:
             out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
-        out = m.out_proj(out.transpose(1, 2).reshape(batch, length, embed))  # a module call: hooks run
+        out = m.out_proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))  # a module call: hooks run
         if not m.batch_first and batched:
             out = out.transpose(0, 1)
         if not batched:
@@ -122,30 +133,29 @@ def _as_additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def _merged_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, batch: int, heads: int,
-                 length: int, dtype: torch.dtype) -> Tensor | None:
-    """``attn_mask`` ((L, L) or (B*H, L, L)) plus ``key_padding_mask`` ((B, L), True: padding), additive,
-    broadcastable to (B, H, L, L)."""
+                 length: int, source: int, dtype: torch.dtype) -> Tensor | None:
+    """``attn_mask`` ((L, S) or (B*H, L, S)) plus ``key_padding_mask`` ((B, S), True: padding), additive,
+    broadcastable to (B, H, L, S)."""
     mask = _as_additive(attn_mask, dtype)
     if mask is not None and mask.dim() == 3:
-        mask = mask.view(batch, heads, length, length)
+        mask = mask.view(batch, heads, length, source)
     padding = _as_additive(key_padding_mask, dtype)
     if padding is not None:
-        padding = padding.view(batch, 1, 1, length)
+        padding = padding.view(batch, 1, 1, source)
         mask = padding if mask is None else mask + padding
     return mask
 
 
-def self_attention_forwards(model: nn.Module, skip: list[str]) -> tuple[dict[str, SelfAttentionForward],
-                                                                        dict[str, str]]:
-    """The :class:`SelfAttentionForward` of every covered ``nn.MultiheadAttention`` in ``model`` by module
-    name (not installed yet), and the reason each other one is left plain. ``skip`` as in ``skip_layers``."""
-    parents: dict[int, nn.Module] = {id(child): module for module in model.modules() for child in module.children()}
-    forwards: dict[str, SelfAttentionForward] = {}
+def attention_forwards(model: nn.Module, skip: list[str]) -> tuple[dict[str, AttentionForward], dict[str, str]]:
+    """The :class:`AttentionForward` of every covered ``nn.MultiheadAttention`` in ``model`` by module name (not
+    installed yet), and the reason each other one is left plain. ``skip`` as in ``skip_layers``."""
+    cross = {id(m.multihead_attn) for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)}
+    forwards: dict[str, AttentionForward] = {}
     plain: dict[str, str] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.MultiheadAttention):
             continue
-        reason = unsupported_reason(name, module, parents.get(id(module)))
+        reason = unsupported_reason(name, module)
         if name in skip or type(module).__name__ in skip:
             plain[name] = "in skip_layers"
         elif reason is not None:
@@ -153,5 +163,5 @@ def self_attention_forwards(model: nn.Module, skip: list[str]) -> tuple[dict[str
         elif not module.in_proj_weight.requires_grad:
             plain[name] = "frozen (in_proj_weight.requires_grad is False)"
         else:
-            forwards[name] = SelfAttentionForward(name, module)
+            forwards[name] = AttentionForward(name, module, cross=id(module) in cross)
     return forwards, plain

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpkfac.core.attention import SelfAttentionForward, self_attention_forwards
+from lightning_dpkfac.core.attention import AttentionForward, attention_forwards
 from lightning_dpkfac.core.blocks import Block, block_name, cut_layers
 from lightning_dpkfac.core.errors import UnsupportedLayerError
 from lightning_dpkfac.distributed.assignment import LayerShape
@@ -42,14 +42,19 @@ class KFACLayer(ABC):
 
     _channel_dim: int  # the dimension of the output that holds its features (channels)
 
-    def __init__(self, name: str, module: nn.Module, weight_name: str | None = None) -> None:
+    def __init__(self, name: str, module: nn.Module, weight_name: str | None = None,
+                 output_rows: tuple[int, int] | None = None) -> None:
+        """``output_rows``: the rows of the weight (and bias) whose outputs the module returns, when it returns
+        only those (one of attention's q/k/v projections of a packed weight); default all."""
         self.name = name
         self.module_name = name
         #: the weight's parameter name in the model (``describe()`` tells other names of it as tied)
         self.weight_name = weight_name or f"{name}.weight"
         self.module = module
         d_g, d_a = self.module_dims
-        self.block = Block(0, d_g, 0, d_a)
+        r0, r1 = output_rows or (0, d_g)
+        self.block = Block(r0, r1, 0, d_a)
+        self._output_offset = r0  # the weight row of the module's first output feature
 
     def split(self, blocks: list[Block]) -> list[KFACLayer]:
         """This layer as ``blocks`` (itself when it is one block), named by :func:`block_name`."""
@@ -63,10 +68,11 @@ class KFACLayer(ABC):
                 f"'{self.name}' to skip_layers."
             )
         parts = []
-        for block in blocks:
+        r0, c0 = self.block.r0, self.block.c0
+        for block in blocks:  # blocks of this layer's rows and columns, as rows and columns of the module
             part = copy.copy(self)
-            part.block = block
-            part.name = block_name(self.module_name, block)
+            part.block = Block(block.r0 + r0, block.r1 + r0, block.c0 + c0, block.c1 + c0)
+            part.name = block_name(self.module_name, part.block)
             parts.append(part)
         return parts
 
@@ -77,8 +83,9 @@ class KFACLayer(ABC):
 
     @property
     def is_block(self) -> bool:
-        """Whether this is part of its module rather than all of it."""
-        return self.name != self.module_name
+        """Whether this is part of its module's weight rather than all of it."""
+        d_g, d_a = self.module_dims
+        return self.block != Block(0, d_g, 0, d_a)
 
     @property
     def _module_has_bias(self) -> bool:
@@ -142,7 +149,8 @@ class KFACLayer(ABC):
     def output_grad_rows(self, gy: Tensor) -> Tensor:
         """The output gradient as rows (examples x locations, d_g), unscaled."""
         rows = self._output_grad_rows(gy)
-        return rows[:, self.block.r0 : self.block.r1] if self.is_block else rows
+        r0, r1 = self.block.r0 - self._output_offset, self.block.r1 - self._output_offset
+        return rows[:, r0:r1] if r1 - r0 < rows.shape[1] else rows
 
     @abstractmethod
     def _input_rows(self, x: Tensor, c0: int, c1: int) -> Tensor:
@@ -346,28 +354,30 @@ class Discovery:
 
     layers: list[KFACLayer]
     skipped: dict[str, str]
-    attention: dict[str, SelfAttentionForward]
+    attention: dict[str, AttentionForward]
 
 
 def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str | None = None,
                     world_size: int = 1, inv_update_steps: int = 10) -> Discovery:
     """The covered layers of ``model`` in registration order, each split into blocks as ``max_factor_dim``
     (``KFACConfig``) says for ``world_size`` ranks (:func:`~lightning_dpkfac.core.blocks.cut_layers`), and the skipped ones with
-    the reason. A packed self-attention ``nn.MultiheadAttention`` gives two layers: ``<name>.in_proj``, a
-    ``Linear(E, 3E)`` (:mod:`lightning_dpkfac.core.attention`), and its ``out_proj``.
+    the reason. A self-attention ``nn.MultiheadAttention`` gives two layers, ``<name>.in_proj`` (``Linear(E, 3E)``)
+    and its ``out_proj``; a cross-attention one four: ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj``
+    (:mod:`lightning_dpkfac.core.attention`).
 
     ``skip`` holds module names or class names; a name that matches nothing is an error (a typo would
     otherwise silently precondition the layer the user meant to skip).
     """
     layers: list[KFACLayer] = []
-    attention, skipped = self_attention_forwards(model, skip)
+    attention, skipped = attention_forwards(model, skip)
     # nn.MultiheadAttention computes its output projection from out_proj.weight directly: unless the engine
     # runs the module's forward (attention), the Linear's forward (and so any hook on it) never runs.
     bypassed = {f"{name}.out_proj" if name else "out_proj": reason for name, reason in skipped.items()}
     for name, module in model.named_modules():
         if name in attention:
-            layers.append(LinearLayer(f"{name}.in_proj" if name else "in_proj", attention[name].in_proj,
-                                      f"{name}.in_proj_weight" if name else "in_proj_weight"))
+            weight_name = f"{name}.in_proj_weight" if name else "in_proj_weight"
+            layers += [LinearLayer(layer_name, projection, weight_name, projection.rows)
+                       for layer_name, projection in attention[name].projections.items()]
         if not isinstance(module, SUPPORTED):
             continue
         if name in bypassed:
@@ -394,7 +404,7 @@ def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dic
     a user sees what keeps its plain gradient: embeddings, norm layers, RNNs, bare ``nn.Parameter`` s, and
     the layers in ``skipped`` (``discover_layers``). A parameter shared with a covered layer is covered."""
     covered = {id(p) for layer in layers for p in layer.params()}
-    supported = ", ".join([t.__name__ for t in SUPPORTED] + ["MultiheadAttention (self-attention)"])
+    supported = ", ".join([t.__name__ for t in SUPPORTED] + ["MultiheadAttention"])
     plain: dict[str, str] = {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):

@@ -4,6 +4,7 @@ preconditioned exactly as those explicit Linear layers; the module computes what
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -32,27 +33,58 @@ class SelfAttention(nn.Module):
         return out if self.attn.batch_first else out.transpose(0, 1)
 
 
-class ExplicitSelfAttention(nn.Module):
-    """The same attention written from its formula, with the two projections as ``nn.Linear`` modules."""
+class ExplicitAttention(nn.Module):
+    """The attention of an ``nn.MultiheadAttention`` (batch_first) written from its formula, with its projections
+    as ``nn.Linear`` modules: ``in_proj`` (E -> 3E) for self-attention, ``q_proj``, ``k_proj``, ``v_proj`` (E -> E,
+    rows of the packed weight) for cross-attention, and ``out_proj``. Same call signature and result."""
 
-    def __init__(self, attention: nn.MultiheadAttention) -> None:
+    def __init__(self, attention: nn.MultiheadAttention, cross: bool) -> None:
         super().__init__()
         bias = attention.in_proj_bias is not None
-        self.in_proj = nn.Linear(E, 3 * E, bias=bias).to(attention.in_proj_weight.dtype)
-        self.out_proj = nn.Linear(E, E, bias=bias).to(attention.in_proj_weight.dtype)
-        with torch.no_grad():
-            self.in_proj.weight.copy_(attention.in_proj_weight)
-            self.out_proj.weight.copy_(attention.out_proj.weight)
-            if bias:
-                self.in_proj.bias.copy_(attention.in_proj_bias)
-                self.out_proj.bias.copy_(attention.out_proj.bias)
+        weight, b = attention.in_proj_weight.detach(), attention.in_proj_bias
+        parts = {"q_proj": slice(0, E), "k_proj": slice(E, 2 * E), "v_proj": slice(2 * E, 3 * E)} if cross \
+            else {"in_proj": slice(0, 3 * E)}
+        for name, rows in parts.items():
+            setattr(self, name, _linear(weight[rows], None if b is None else b.detach()[rows]))
+        self.out_proj = _linear(attention.out_proj.weight.detach(),
+                                attention.out_proj.bias.detach() if bias else None)
+        self.cross = cross
 
-    def forward(self, x: Tensor) -> Tensor:  # x (B, L, E)
-        q, k, v = (t.reshape(B, L, HEADS, E // HEADS).transpose(1, 2) for t in self.in_proj(x).chunk(3, -1))
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                key_padding_mask: Tensor | None = None, need_weights: bool = False,
+                is_causal: bool = False) -> tuple[Tensor, None]:
+        def heads(t: Tensor) -> Tensor:
+            return t.reshape(t.shape[0], t.shape[1], HEADS, E // HEADS).transpose(1, 2)
+
+        if self.cross:
+            q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value))
+        else:
+            q, k, v = (heads(t) for t in self.in_proj(query).chunk(3, -1))
         scores = q @ k.transpose(-2, -1) / math.sqrt(E // HEADS)
-        scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
-        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, E)
-        return self.out_proj(out)
+        if attn_mask is not None:
+            scores = scores.masked_fill(attn_mask, float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(query.shape[0], query.shape[1], E)
+        return self.out_proj(out), None
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+class _ExplicitWrapper(nn.Module):
+    """``SelfAttention`` with its ``nn.MultiheadAttention`` written out (batch_first inputs)."""
+
+    def __init__(self, wrapper: SelfAttention) -> None:
+        super().__init__()
+        self.attn = ExplicitAttention(wrapper.attn, cross=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn(x, x, x, attn_mask=torch.ones(L, L, dtype=torch.bool).triu(1))[0]
 
 
 def _model(batch_first: bool = True, bias: bool = True, need_weights: bool = False) -> nn.Sequential:
@@ -62,7 +94,7 @@ def _model(batch_first: bool = True, bias: bool = True, need_weights: bool = Fal
 
 
 def _explicit(model: nn.Sequential) -> nn.Sequential:
-    explicit = nn.Sequential(ExplicitSelfAttention(model[0].attn), nn.Tanh(), nn.Flatten(),
+    explicit = nn.Sequential(_ExplicitWrapper(model[0]), nn.Tanh(), nn.Flatten(),
                              nn.Linear(L * E, 3, dtype=torch.float64))
     explicit[3].load_state_dict(model[3].state_dict())
     return explicit
@@ -85,8 +117,8 @@ def test_projections_are_preconditioned_exactly_as_their_explicit_linear_layers(
               method=method)
     pre = KFACPreconditioner(model, **hp)
     assert [l.name for l in pre.layers] == ["0.attn.in_proj", "0.attn.out_proj", "3"]
-    names = {"0.attn.in_proj": "0.in_proj", "0.attn.out_proj": "0.out_proj", "3": "3"}  # engine -> explicit
-    dense = ref.ReferenceKFAC(slots={names[n]: s for n, s in pre.schedule().items()}, **hp)
+    names = {n: n for n in ("0.attn.in_proj", "0.attn.out_proj", "3")}  # engine -> explicit
+    dense = ref.ReferenceKFAC(slots=pre.schedule(), **hp)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(4):
         g = torch.Generator().manual_seed(step)
@@ -100,9 +132,11 @@ def test_projections_are_preconditioned_exactly_as_their_explicit_linear_layers(
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         attn = model[0].attn
-        torch.testing.assert_close(_in_proj_grad(attn), ref.grad_matrix(modules["0.in_proj"]), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(_in_proj_grad(attn), ref.grad_matrix(modules["0.attn.in_proj"]), rtol=1e-10,
+                                   atol=1e-12)
         pre.step()
-        got = {"0.in_proj": _in_proj_grad(attn), "0.out_proj": ref.grad_matrix(attn.out_proj), "3": ref.grad_matrix(model[3])}
+        got = {"0.attn.in_proj": _in_proj_grad(attn), "0.attn.out_proj": ref.grad_matrix(attn.out_proj),
+               "3": ref.grad_matrix(model[3])}
         for n, value in got.items():
             err = float((value - expected[n]).norm() / expected[n].norm())
             assert err < 1e-6, f"step {step}, {n}: relative error {err:.2e}"
@@ -157,18 +191,108 @@ def test_every_weight_of_a_transformer_encoder_but_the_norms_is_covered_by_defau
     assert all(pre.factors(l.name) is not None for l in pre.layers)
 
 
-def test_cross_attention_is_left_plain_with_its_reason_and_a_misuse_is_named() -> None:
-    decoder = nn.TransformerDecoderLayer(E, HEADS, 16, dropout=0.0, batch_first=True)
-    pre = KFACPreconditioner(decoder, lr=0.1)
-    assert "self_attn.in_proj" in [l.name for l in pre.layers]
-    assert "cross-attention" in pre.skipped["multihead_attn"]
-    assert "cross-attention" in pre.plain["multihead_attn.in_proj_weight"]
-    assert "multihead_attn.out_proj" in pre.skipped
+S = 3  # memory positions of the decoder tests
+
+
+class Decoder(nn.Module):
+    """An ``nn.TransformerDecoderLayer`` (batch_first, causal) on a (B, L + S, E) input: the first L positions are
+    the target, the last S the memory; then a classifier head."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.head = nn.Linear(L * E, 3, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        target, memory = x[:, :L], x[:, L:]
+        out = self.layer(target, memory, tgt_mask=torch.ones(L, L, dtype=torch.bool).triu(1))
+        return self.head(out.flatten(1))
+
+
+def _decoder() -> Decoder:
+    torch.manual_seed(2)
+    return Decoder(nn.TransformerDecoderLayer(E, HEADS, 16, dropout=0.0, batch_first=True, dtype=torch.float64))
+
+
+def _explicit_decoder(model: Decoder) -> Decoder:
+    explicit = copy.deepcopy(model)
+    explicit.layer.self_attn = ExplicitAttention(model.layer.self_attn, cross=False)
+    explicit.layer.multihead_attn = ExplicitAttention(model.layer.multihead_attn, cross=True)
+    return explicit
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_cross_attention_is_three_linear_layers_each_preconditioned_exactly(method: str) -> None:
+    model = _decoder()
+    hp = dict(damping=1e-2, factor_decay=0.8, kl_clip=1e-3, lr=0.1, factor_update_steps=1, inv_update_steps=2,
+              method=method)
+    pre = KFACPreconditioner(model, **hp)
+    names = [l.name for l in pre.layers]
+    assert names == ["layer.self_attn.in_proj", "layer.self_attn.out_proj", "layer.multihead_attn.q_proj",
+                     "layer.multihead_attn.k_proj", "layer.multihead_attn.v_proj", "layer.multihead_attn.out_proj",
+                     "layer.linear1", "layer.linear2", "head"]
+    assert [(l.d_g, l.d_a) for l in pre.layers[2:5]] == [(E, E + 1)] * 3
+    dense = ref.ReferenceKFAC(slots=pre.schedule(), **hp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(B, L + S, E, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
+        explicit = _explicit_decoder(model)
+        captured = ref.capture(lambda: _explicit_decoder(model), explicit, names, x, y, F.cross_entropy)
+        modules = dict(explicit.named_modules())
+        dense.update({n: ref.batch_factors(modules[n], *captured[n]) for n in names})
+        F.cross_entropy(explicit(x), y).backward()
+        expected = dense.precondition_all({n: ref.grad_matrix(modules[n]) for n in names})
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        cross = model.layer.multihead_attn
+        packed = torch.cat([cross.in_proj_weight.grad, cross.in_proj_bias.grad[:, None]], 1)
+        got = {f"layer.multihead_attn.{p}_proj": packed[i * E:(i + 1) * E] for i, p in enumerate("qkv")}
+        got["layer.self_attn.in_proj"] = _in_proj_grad(model.layer.self_attn)
+        for n in names:
+            module = dict(model.named_modules()).get(n)
+            value = got[n] if n in got else ref.grad_matrix(module)
+            err = float((value - expected[n]).norm() / expected[n].norm())
+            assert err < 1e-6, f"step {step}, {n}: relative error {err:.2e}"
+        opt.step()
+
+
+def test_a_decoder_layer_computes_what_it_computed_before() -> None:
+    model = _decoder()
+    original = copy.deepcopy(model)
+    pre = KFACPreconditioner(model, lr=0.1)
+    x = torch.randn(B, L + S, E, dtype=torch.float64)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-10, atol=1e-12)
+    padding = torch.zeros(B, S, dtype=torch.bool)
+    padding[1, -1] = True
+    target, memory = x[:, :L], x[:, L:]
+    for need_weights in (True, False):
+        out, weights = model.layer.multihead_attn(target, memory, memory, key_padding_mask=padding,
+                                                  need_weights=need_weights)
+        out_ref, weights_ref = original.layer.multihead_attn(target, memory, memory, key_padding_mask=padding,
+                                                             need_weights=need_weights)
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
+        assert (weights is None) == (weights_ref is None)
+        if weights is not None:
+            torch.testing.assert_close(weights, weights_ref, rtol=1e-10, atol=1e-12)
+    pre.remove_hooks()
+    assert all("forward" not in m.__dict__ for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+
+
+def test_self_attention_called_with_different_inputs_is_named_with_the_fix() -> None:
     attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
     KFACPreconditioner(attn, lr=0.1)
     x = torch.randn(B, L, E)
     with pytest.raises(UnsupportedLayerError, match=r"'' is preconditioned by K-FAC as self-attention.*skip_layers"):
         attn(x, x.clone(), x.clone())
+
+
+def test_attention_with_separate_weights_is_left_plain_with_its_reason() -> None:
+    attn = nn.MultiheadAttention(E, HEADS, kdim=4, vdim=4, batch_first=True)
+    pre = KFACPreconditioner(nn.Sequential(attn), lr=0.1)
+    assert pre.layers == [] and "separate q/k/v weights" in pre.skipped["0"]
+    assert "separate q/k/v weights" in pre.plain["0.q_proj_weight"] and "0.out_proj" in pre.skipped
 
 
 def test_attention_in_skip_layers_keeps_its_own_forward_and_plain_gradients() -> None:
