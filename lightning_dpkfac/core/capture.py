@@ -52,7 +52,9 @@ class FactorCapture:
         x = x.detach()
         with self._timer("factor"), torch.no_grad(), _autocast_off(output.device):
             rows = layer.a_row_count(output)
-            if rows <= layer.n_w:  # few rows (a Linear on a small batch): a copy of them
+            if layer.diagonal_a:  # an embedding's token frequencies: d_a numbers, whatever the batch
+                state.a_batch.add(layer.a_factor(x, state.dtype), None, self.keep_rows)
+            elif rows <= layer.n_w:  # few rows (a Linear on a small batch): a copy of them
                 state.a_batch.add(layer.a_rows(x, state.dtype), 1 / rows, self.keep_rows)
             elif rows * layer.n_w > x.numel() and raw.grad_fn is not None:
                 # Patches larger than the input (a convolution's im2col), of an activation (autograd keeps it

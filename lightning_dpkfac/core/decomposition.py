@@ -8,6 +8,9 @@ Both precondition a gradient matrix ``grad`` (d_g x d_a) as ``P = left @ right``
 
 and, for row gathering (``grad = g^T a`` never formed, ``a`` R x d_a and ``g`` R x d_g), in factored form
 with ``sum(P * grad)`` from N x N products (see :mod:`lightning_dpkfac.distributed.rows`).
+
+A diagonal ``A`` (an ``nn.Embedding``'s token frequencies) is a vector of d_a numbers, and so is every A-side
+tensor derived from it (``qa``: the identity's diagonal, ones; ``a_inv``): multiplying by it scales columns.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class Decomposition(ABC):
         :meth:`wire_shapes`."""
 
     @abstractmethod
-    def wire_shapes(self, d_a: int, d_g: int) -> list[Shape]:
+    def wire_shapes(self, d_a: int, d_g: int, diagonal_a: bool = False) -> list[Shape]:
         """Shapes of :meth:`compute`'s result."""
 
     @abstractmethod
@@ -42,7 +45,7 @@ class Decomposition(ABC):
         """The tensors kept from a :meth:`compute` result, shaped :meth:`kept_shapes`."""
 
     @abstractmethod
-    def kept_shapes(self, d_a: int, d_g: int) -> dict[str, Shape]:
+    def kept_shapes(self, d_a: int, d_g: int, diagonal_a: bool = False) -> dict[str, Shape]:
         """Shapes of :meth:`keep`'s tensors, by key."""
 
     @abstractmethod
@@ -59,24 +62,26 @@ class Eigen(Decomposition):
     keys = ("qa", "qg", "dgda")
 
     def compute(self, A: Tensor, G: Tensor, damping: float, jitter: float) -> tuple[Tensor, ...]:
-        da, qa = torch.linalg.eigh(A + jitter * _eye(A))
+        da, qa = (A + jitter, torch.ones_like(A)) if A.dim() == 1 else torch.linalg.eigh(A + jitter * _eye(A))
         dg, qg = torch.linalg.eigh(G + jitter * _eye(G))
         # Round-off can make eigenvalues of these PSD matrices slightly negative: clip at zero.
         return qa, qg, dg.clamp_(min=0), da.clamp_(min=0)
 
-    def wire_shapes(self, d_a: int, d_g: int) -> list[Shape]:
-        return [(d_a, d_a), (d_g, d_g), (d_g,), (d_a,)]  # eigenvalue vectors, not their d_g x d_a product
+    def wire_shapes(self, d_a: int, d_g: int, diagonal_a: bool = False) -> list[Shape]:
+        qa = (d_a,) if diagonal_a else (d_a, d_a)
+        return [qa, (d_g, d_g), (d_g,), (d_a,)]  # eigenvalue vectors, not their d_g x d_a product
 
     def keep(self, result: tuple[Tensor, ...]) -> dict[str, Tensor]:
         qa, qg, dg, da = result
         return {"qa": qa, "qg": qg, "dgda": torch.outer(dg, da)}
 
-    def kept_shapes(self, d_a: int, d_g: int) -> dict[str, Shape]:
-        return {"qa": (d_a, d_a), "qg": (d_g, d_g), "dgda": (d_g, d_a)}
+    def kept_shapes(self, d_a: int, d_g: int, diagonal_a: bool = False) -> dict[str, Shape]:
+        return {"qa": (d_a,) if diagonal_a else (d_a, d_a), "qg": (d_g, d_g), "dgda": (d_g, d_a)}
 
     def factored(self, kept: dict[str, Tensor], grad: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-        v = kept["qg"].T @ grad @ kept["qa"]
-        return kept["qg"] @ (v / (kept["dgda"] + damping)), kept["qa"].T
+        qa = kept["qa"]
+        v = times_a(kept["qg"].T @ grad, qa)
+        return kept["qg"] @ (v / (kept["dgda"] + damping)), qa if qa.dim() == 1 else qa.T
 
     def factored_rows(self, kept: dict[str, Tensor], a: Tensor, g: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
         # In the eigenbasis sum(P * grad) = sum(v^2 / (dg da + damping)).
@@ -90,17 +95,18 @@ class Inverse(Decomposition):
     keys = ("a_inv", "g_inv")
 
     def compute(self, A: Tensor, G: Tensor, damping: float, jitter: float) -> tuple[Tensor, ...]:
-        return _spd_inverse(A + (damping + jitter) * _eye(A)), _spd_inverse(G + (damping + jitter) * _eye(G))
+        a_inv = 1 / (A + damping + jitter) if A.dim() == 1 else _spd_inverse(A + (damping + jitter) * _eye(A))
+        return a_inv, _spd_inverse(G + (damping + jitter) * _eye(G))
 
-    def wire_shapes(self, d_a: int, d_g: int) -> list[Shape]:
-        return [(d_a, d_a), (d_g, d_g)]
+    def wire_shapes(self, d_a: int, d_g: int, diagonal_a: bool = False) -> list[Shape]:
+        return [(d_a,) if diagonal_a else (d_a, d_a), (d_g, d_g)]
 
     def keep(self, result: tuple[Tensor, ...]) -> dict[str, Tensor]:
         a_inv, g_inv = result
         return {"a_inv": a_inv, "g_inv": g_inv}
 
-    def kept_shapes(self, d_a: int, d_g: int) -> dict[str, Shape]:
-        return {"a_inv": (d_a, d_a), "g_inv": (d_g, d_g)}
+    def kept_shapes(self, d_a: int, d_g: int, diagonal_a: bool = False) -> dict[str, Shape]:
+        return {"a_inv": (d_a,) if diagonal_a else (d_a, d_a), "g_inv": (d_g, d_g)}
 
     def factored(self, kept: dict[str, Tensor], grad: Tensor, damping: float) -> tuple[Tensor, Tensor]:
         return kept["g_inv"] @ grad, kept["a_inv"]
@@ -114,6 +120,11 @@ class Inverse(Decomposition):
 def decomposition_for(method: str) -> Decomposition:
     """The :class:`Decomposition` of ``KFACConfig.method`` (one of ``core.config.METHODS``)."""
     return {cls.name: cls for cls in (Eigen, Inverse)}[method]()
+
+
+def times_a(m: Tensor, a_side: Tensor) -> Tensor:
+    """``m @ a_side``, where a vector ``a_side`` is a diagonal matrix (its columns scaled)."""
+    return m * a_side if a_side.dim() == 1 else m @ a_side
 
 
 def _eye(m: Tensor) -> Tensor:

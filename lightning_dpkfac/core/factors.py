@@ -113,7 +113,8 @@ class BatchFactor:
         """0-d bool: the sum is finite. A Gram matrix is finite iff its diagonal is (|F_ij| <= sqrt(F_ii F_jj)),
         and the diagonal of ``r^T r`` sums to ``sum(r^2)``: d or n d numbers checked, not d^2. A sum beyond
         the dtype's range reads as non-finite, which errs on the safe side."""
-        checks = [torch.isfinite(self.dense.diagonal().sum())] if self.dense is not None else []
+        dense = self.dense
+        checks = [torch.isfinite((dense if dense.dim() == 1 else dense.diagonal()).sum())] if dense is not None else []
         checks += [torch.isfinite(r.square().sum()) for r, _ in self.rows]
         if self.deferred is not None:  # the bound of DeferredFactor; no pass at the matrix's size
             source = self.deferred.source

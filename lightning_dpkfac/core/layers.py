@@ -41,6 +41,8 @@ class KFACLayer(ABC):
     gradient as a matrix. ``d_a``, ``d_g``, the rows and the gradient matrix are the block's."""
 
     _channel_dim: int  # the dimension of the output that holds its features (channels)
+    #: ``A`` is diagonal and kept as its diagonal, a vector of d_a numbers (an embedding's token frequencies)
+    diagonal_a = False
 
     def __init__(self, name: str, module: nn.Module, weight_name: str | None = None,
                  output_rows: tuple[int, int] | None = None) -> None:
@@ -130,7 +132,7 @@ class KFACLayer(ABC):
     def params(self) -> list[Tensor]:
         """The module's parameters of which this layer (block) reads a part: the weight unless the block
         holds the bias column alone, and the bias if it holds it."""
-        return [self.weight] * (self.n_w > 0) + [self.module.bias] * self.has_bias
+        return [self.weight] * (self.n_w > 0) + ([self.module.bias] if self.has_bias else [])
 
     def grad_piece(self, param: Tensor, grad: Tensor) -> Tensor:
         """The part of ``grad`` (a gradient of ``param``, one of :meth:`params`, same shape) that this layer
@@ -313,6 +315,62 @@ class ConvLayer(KFACLayer):
         return gy.transpose(0, 1).reshape(gy.shape[1], -1).T
 
 
+class EmbeddingLayer(KFACLayer):
+    """``nn.Embedding`` (V x E) as the ``nn.Linear(V, E, bias=False)`` on one-hot tokens that it equals: d_a = V,
+    d_g = E, the gradient matrix is the weight's gradient transposed (E x V). A (B, T) batch is B examples with T
+    locations, as for a Linear on (B, T, d). One-hot rows make ``A`` diagonal, the tokens' frequencies among
+    the rows, kept as a vector (never V x V); the ``padding_idx`` row has a zero gradient, and keeps it
+    preconditioned. Never cut into blocks: a diagonal ``A`` costs V to invert."""
+
+    _channel_dim = -1
+    diagonal_a = True
+
+    def __init__(self, name: str, module: nn.Embedding) -> None:
+        if module.sparse:
+            raise UnsupportedLayerError(
+                f"Layer '{name}' is an nn.Embedding with sparse=True; K-FAC needs dense gradients. Fix: "
+                f"sparse=False, or add '{name}' to skip_layers (it then keeps its plain gradient).")
+        super().__init__(name, module)
+
+    @property
+    def module_dims(self) -> tuple[int, int]:
+        return self.weight.shape[1], self.weight.shape[0]
+
+    @property
+    def _n_w(self) -> int:
+        return self.weight.shape[0]
+
+    def split(self, blocks: list[Block]) -> list[KFACLayer]:
+        assert len(blocks) == 1, "discover_layers never cuts an embedding"
+        return [self]
+
+    def grad_piece(self, param: Tensor, grad: Tensor) -> Tensor:
+        return grad
+
+    def _input_rows(self, x: Tensor, c0: int, c1: int) -> Tensor:
+        return F.one_hot(x.reshape(-1), self.weight.shape[0])[:, c0:c1].to(self.weight.dtype)
+
+    def _output_grad_rows(self, gy: Tensor) -> Tensor:
+        return gy.reshape(-1, gy.shape[-1])
+
+    def a_factor(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The diagonal of ``A`` (V,): each token's count among the batch's rows over the rows."""
+        return torch.bincount(x.reshape(-1), minlength=self.d_a).to(dtype).div_(x.numel())
+
+    def g_capture(self, gy: Tensor, dtype: torch.dtype) -> tuple[Tensor, float | None]:
+        """``G`` formed (E x E): an embedding's rows are examples x tokens, almost always more than E."""
+        rows = self.output_grad_rows(gy).to(dtype)
+        return (rows.T @ rows).mul_(gy.shape[0]), None
+
+    def grad_matrix(self) -> Tensor | None:
+        grad = self.weight.grad
+        return None if grad is None else grad.T
+
+    def set_grad_matrix(self, matrix: Tensor, scale: float = 1.0) -> None:
+        assert self.weight.grad is not None
+        torch.mul(matrix.T, scale, out=self.weight.grad)
+
+
 def layers_of_params(layers: Sequence[KFACLayer]) -> dict[int, list[int]]:
     """``id(param)`` -> indices of the layers (blocks) in ``layers`` that read part of ``param``."""
     out: dict[int, list[int]] = {}
@@ -335,13 +393,15 @@ def grad_hook_target(output: Tensor) -> Tensor:
     return output
 
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def make_layer(name: str, module: nn.Module) -> KFACLayer:
     """The K-FAC helper for a module of a ``SUPPORTED`` type."""
     if isinstance(module, nn.Linear):
         return LinearLayer(name, module)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingLayer(name, module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return ConvLayer(name, module)
     raise TypeError(f"no K-FAC helper for {type(module).__name__}")
@@ -373,6 +433,8 @@ def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str
     # nn.MultiheadAttention computes its output projection from out_proj.weight directly: unless the engine
     # runs the module's forward (attention), the Linear's forward (and so any hook on it) never runs.
     bypassed = {f"{name}.out_proj" if name else "out_proj": reason for name, reason in skipped.items()}
+    # An embedding whose weight a Linear also uses (an LM head tied to it) is preconditioned as that Linear.
+    linear_weights = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     for name, module in model.named_modules():
         if name in attention:
             weight_name = f"{name}.in_proj_weight" if name else "in_proj_weight"
@@ -384,6 +446,9 @@ def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str
             skipped[name] = f"forward bypassed by nn.MultiheadAttention, which is left plain: {bypassed[name]}"
         elif name in skip or type(module).__name__ in skip:
             skipped[name] = "in skip_layers"
+        elif isinstance(module, nn.Embedding) and id(module.weight) in linear_weights:
+            skipped[name] = (f"weight tied with the Linear '{linear_weights[id(module.weight)]}', which preconditions "
+                             "the sum of both uses' gradients with its own factors")
         elif not module.weight.requires_grad:
             skipped[name] = "frozen (weight.requires_grad is False)"
         else:
@@ -394,9 +459,11 @@ def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str
         names = [n for n, _ in model.named_modules()][1:6]
         raise ValueError(f"skip_layers names {unknown}, which match no module name or class name in the model. "
                          f"Module names look like {names}.")
-    grids = cut_layers([LayerShape(l.d_a, l.d_g) for l in layers], max_factor_dim, world_size, inv_update_steps)
-    return Discovery([part for layer, blocks in zip(layers, grids) for part in layer.split(blocks)], skipped,
-                     attention)
+    # A diagonal A costs d_a, not d_a^3: such layers stay whole, and are left out of "auto"'s fair share.
+    cut = [l for l in layers if not l.diagonal_a]
+    grids = iter(cut_layers([LayerShape(l.d_a, l.d_g) for l in cut], max_factor_dim, world_size, inv_update_steps))
+    parts = [part for layer in layers for part in (layer.split(next(grids)) if not layer.diagonal_a else [layer])]
+    return Discovery(parts, skipped, attention)
 
 
 def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dict[str, str]) -> dict[str, str]:

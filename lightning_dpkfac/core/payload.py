@@ -127,6 +127,8 @@ def to_host(tensors: list[Tensor]) -> list[float]:
 def _product_into(out: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """``left @ right`` written into ``out`` (the payload, in the weight's dtype); returns the product in
     the factors' dtype (``out`` itself where the dtypes agree)."""
+    if right.dim() == 1:  # a diagonal A side (decomposition.times_a)
+        return torch.mul(left, right, out=out) if out.dtype == left.dtype else out.copy_(left * right)
     if out.dtype == left.dtype:
         return torch.mm(left, right, out=out)
     p = left @ right

@@ -80,7 +80,7 @@ class KFACPreconditioner:
         self.layers, self.skipped, self._attention = found.layers, found.skipped, found.attention
         #: trainable parameters left to their plain gradient, with the reason (``describe()`` lists them)
         self.plain = plain_parameters(model, self.layers, self.skipped)
-        shapes = [LayerShape(l.d_a, l.d_g) for l in self.layers]
+        shapes = [LayerShape(l.d_a, l.d_g, diagonal_a=l.diagonal_a) for l in self.layers]
         self.costs = [layer_cost(s, cfg.inv_update_steps) for s in shapes]
         self.owners = assign_owners(self.costs, self.world_size)
         #: per layer, the step of each decomposition interval at which it is decomposed
@@ -349,7 +349,8 @@ class KFACPreconditioner:
         for layer, owner in zip(self.layers, self.owners):
             tied = tied_names(self.model, layer)
             note = f"  weight tied with {', '.join(tied)} (its gradient sums every use)" if tied else ""
-            lines.append(f"  {layer.name:<40} {type(layer.module).__name__:<8} A {layer.d_a:>5}  "
+            diagonal = " (diagonal)" if layer.diagonal_a else ""
+            lines.append(f"  {layer.name:<40} {type(layer.module).__name__:<8} A {layer.d_a:>5}{diagonal}  "
                          f"G {layer.d_g:>5}  owner {owner}{note}")
         if self.plain:
             lines.append("Plain gradient (not preconditioned):")

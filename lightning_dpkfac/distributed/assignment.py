@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LayerShape:
-    """Factor sizes of one layer: ``A`` is d_a x d_a, ``G`` is d_g x d_g, the gradient is d_g x d_a.
+    """Factor sizes of one layer: ``A`` is d_a x d_a (``diagonal_a``: its diagonal, d_a numbers, as for an
+    ``nn.Embedding``), ``G`` is d_g x d_g, the gradient is d_g x d_a.
     ``rows_per_example``: for a Linear layer, the input rows per example (1 on 2-D inputs, T on (B, T, d)
     inputs), which decide whether dpkfac gathers its rows (:mod:`lightning_dpkfac.distributed.rows`); 0 for other layers
     and where it is not known."""
@@ -24,6 +25,12 @@ class LayerShape:
     d_a: int
     d_g: int
     rows_per_example: int = 0
+    diagonal_a: bool = False
+
+    @property
+    def a_numbers(self) -> int:
+        """Numbers in ``A`` (and in each A-side tensor of a decomposition)."""
+        return self.d_a if self.diagonal_a else self.d_a**2
 
 
 def layer_cost(shape: LayerShape, inv_update_steps: int = 1) -> float:
@@ -34,9 +41,10 @@ def layer_cost(shape: LayerShape, inv_update_steps: int = 1) -> float:
     layer shares, so it is folded into a d^2 term that breaks ties between equally priced layers.
     """
     d_a, d_g = shape.d_a, shape.d_g
-    decomposition = (d_a**3 + d_g**3) / inv_update_steps
-    precondition = d_g * d_a * (d_a + d_g)
-    return decomposition + precondition + d_a**2 + d_g**2
+    a_side = d_a if shape.diagonal_a else d_a**2  # a diagonal A costs d_a to invert and to apply per row
+    decomposition = (d_a * a_side + d_g**3) / inv_update_steps
+    precondition = d_g * (a_side + d_a * d_g)
+    return decomposition + precondition + a_side + d_g**2
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:

@@ -140,7 +140,7 @@ class DKFAC(Distribution):
     def factor_shapes(shape: LayerShape) -> list[tuple[int, ...]]:
         """A layer's all-reduced batch factors: A, G and the weight of this rank's capture (1, or 0 if it
         captured nothing)."""
-        return [(shape.d_a, shape.d_a), (shape.d_g, shape.d_g), (1,)]
+        return [(shape.d_a,) if shape.diagonal_a else (shape.d_a, shape.d_a), (shape.d_g, shape.d_g), (1,)]
 
     def combine_batch_factors(self, batch: dict[int, tuple[Scaled | None, Scaled | None]],
                               dtypes: dict[int, torch.dtype]) -> dict[int, tuple[Scaled | None, Scaled | None]]:
@@ -181,7 +181,7 @@ class DKFAC(Distribution):
             layer = self.layers[i]
             result, device = results.get(i), layer.weight.device
             parts[i] = list(result) if result is not None else [
-                torch.zeros(s, dtype=dtypes[i], device=device) for s in method.wire_shapes(layer.d_a, layer.d_g)]
+                torch.zeros(s, dtype=dtypes[i], device=device) for s in method.wire_shapes(layer.d_a, layer.d_g, layer.diagonal_a)]
             flag = (1.0 if result is not None else 2.0) if i in results else 0.0
             flags.append(torch.full((1,), flag, dtype=dtypes[i], device=device))
             tensors += parts[i] + [flags[-1]]
@@ -202,7 +202,7 @@ class DKFAC(Distribution):
 
     @classmethod
     def decomposition_messages(cls, shape: LayerShape, method: Decomposition) -> list[Message]:
-        wire = sum(prod(s) for s in method.wire_shapes(shape.d_a, shape.d_g))
+        wire = sum(prod(s) for s in method.wire_shapes(shape.d_a, shape.d_g, shape.diagonal_a))
         return [Message("inverses", "broadcast", wire + 1, "factor")]  # + its flag
 
 
@@ -212,4 +212,4 @@ def distribution_for(mode: str) -> type[Distribution]:
 
 
 def _shape(layer: KFACLayer) -> LayerShape:
-    return LayerShape(layer.d_a, layer.d_g)
+    return LayerShape(layer.d_a, layer.d_g, diagonal_a=layer.diagonal_a)

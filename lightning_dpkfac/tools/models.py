@@ -1,8 +1,9 @@
 """Networks for 8x8 digits, MNIST-1D and CIFAR-shaped (3x32x32) inputs, a character-level Transformer
 language model, and the LightningModules that train a classifier or a language model.
 
-K-FAC covers the networks' Linear, Conv1d and Conv2d (groups=1) layers and self-attention's projections;
-every other parameter (BatchNorm, LayerNorm, embeddings) keeps its plain gradient.
+K-FAC covers the networks' Linear, Conv1d and Conv2d (groups=1) layers, embeddings and attention's
+projections; every other parameter (BatchNorm, LayerNorm, a bare position ``nn.Parameter``) keeps its plain
+gradient.
 """
 
 from __future__ import annotations
@@ -201,9 +202,9 @@ class CharTransformer(nn.Module):
 
     Token and learned position ``nn.Embedding``s, ``num_layers`` ``nn.TransformerEncoderLayer`` (batch_first,
     pre-norm) under a causal mask, a final ``nn.LayerNorm`` and a Linear head, whose weight is the token
-    embedding's when ``tie_weights``. Only PyTorch's own modules: K-FAC preconditions attention's projections,
-    the feed-forward Linears and the head; the embeddings and norms keep their plain gradient (for now). A tied
-    head weight is preconditioned with the head's factors, its gradient from the embedding included.
+    embedding's when ``tie_weights``. Only PyTorch's own modules: K-FAC preconditions both embeddings,
+    attention's projections, the feed-forward Linears and the head; the LayerNorms keep their plain gradient. A
+    tied weight is preconditioned as the head, with the head's factors, its gradient from the embedding included.
     """
 
     def __init__(
@@ -238,7 +239,9 @@ class CharTransformer(nn.Module):
         length = ids.shape[1]
         if length > self.seq_len:
             raise ValueError(f"a sequence of {length} ids is longer than seq_len={self.seq_len}.")
-        h = self.embed(ids) + self.position(torch.arange(length, device=ids.device))
+        # Positions as a (B, T) batch like the tokens, so K-FAC sees the position table's per-example gradients.
+        positions = torch.arange(length, device=ids.device).expand(ids.shape[0], length)
+        h = self.embed(ids) + self.position(positions)
         h = self.encoder(h, mask=self.causal_mask[:length, :length], is_causal=True)
         return self.head(self.norm(h))
 

@@ -70,7 +70,7 @@ def shapes_of(model: nn.Module, skip_layers: Sequence[str] = (), name: str | Non
     params = [layer.weight for layer in layers] or list(model.parameters())
     return ModelShapes(
         name or type(model).__name__,
-        tuple((layer.name, LayerShape(layer.d_a, layer.d_g, rows[layer.name])) for layer in layers),
+        tuple((layer.name, LayerShape(layer.d_a, layer.d_g, rows[layer.name], layer.diagonal_a)) for layer in layers),
         other_params=other,
         element_size=params[0].element_size() if params else 4,
     )
@@ -189,10 +189,11 @@ def predict_state_bytes(
     decomposition = decomposition_for(method)
     owners = owner_map(shapes, world_size, inv_update_steps)
     for s, owner in zip(shapes.shapes, owners):
-        factors = (s.d_a**2 + s.d_g**2) * e_f
-        kept = sum(math.prod(shape) for shape in decomposition.kept_shapes(s.d_a, s.d_g).values()) * e_f
+        factors = (s.a_numbers + s.d_g**2) * e_f
+        kept = sum(math.prod(shape) for shape in decomposition.kept_shapes(s.d_a, s.d_g, s.diagonal_a).values()) * e_f
         rows = batch_size * s.rows_per_example if batch_size and distribution_for(mode).keeps_rows else 0
-        capture = sum(rows * d if rows and keeps_as_rows(rows, d) else d * d for d in (s.d_a, s.d_g)) * e_f
+        capture = (s.a_numbers if s.diagonal_a else rows * s.d_a if rows and keeps_as_rows(rows, s.d_a) else s.d_a**2)
+        capture = (capture + (rows * s.d_g if rows and keeps_as_rows(rows, s.d_g) else s.d_g**2)) * e_f
         holders = range(world_size) if mode == "dkfac" else [owner]
         for rank in holders:
             out[rank]["factors"] += factors
@@ -238,7 +239,8 @@ def paper_comparison(shapes: ModelShapes, world_size: int = 64, method: str = "e
     """The paper's per-second-order-update ratios (factors built every step) from the cost model."""
     f = (world_size - 1) / world_size
     n, n_o = shapes.covered_params, shapes.other_params
-    triangles = sum(s.d_a * (s.d_a + 1) // 2 + s.d_g * (s.d_g + 1) // 2 for s in shapes.shapes)
+    triangles = sum((s.d_a if s.diagonal_a else s.d_a * (s.d_a + 1) // 2) + s.d_g * (s.d_g + 1) // 2
+                    for s in shapes.shapes)
     dkfac_paper = 2 * f * (n + n_o) + 2 * f * triangles + f * n
     seed_dpkfac = 2 * f * (n + n_o) + f * n
     engine = {mode: sum(bytes_per_step(shapes, world_size, mode, method=method, **PAPER_SCHEDULE).values())

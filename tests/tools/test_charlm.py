@@ -111,3 +111,16 @@ def test_the_module_trains_and_logs_bits_per_character() -> None:
     # About log2(98) = 6.6 bits for a barely trained model; bpc is the loss in bits.
     assert 3 < float(metrics["val/bpc"]) < 8
     assert float(metrics["val/bpc"]) == pytest.approx(float(metrics["val/loss"]) / math.log(2))
+
+
+def test_kfac_covers_every_weight_of_the_language_model_but_the_layer_norms() -> None:
+    from lightning_dpkfac import KFACPreconditioner
+
+    for tie in (False, True):
+        net = char_transformer(d_model=16, dim_feedforward=32, seq_len=8, tie_weights=tie)
+        pre = KFACPreconditioner(net, lr=0.1)
+        covered = {id(p) for layer in pre.layers for p in layer.params()}
+        left = [name for name, p in net.named_parameters() if id(p) not in covered]
+        assert left and all("norm" in name for name in left), left
+        embeddings = [layer.name for layer in pre.layers if layer.diagonal_a]
+        assert embeddings == (["position"] if tie else ["embed", "position"])

@@ -246,6 +246,12 @@ def make_attention_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(5, 8), SelfAttentionBlock(), nn.Flatten(), nn.Linear(32, 3))
 
 
+def make_embedding_model() -> nn.Sequential:
+    """An embedding (A diagonal: 20 numbers) on (B, 4) token ids, then a Linear head."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(20, 6), nn.Flatten(), nn.Linear(24, 3))
+
+
 #: name -> (model factory, shape of one rank's batch, max_factor_dim)
 MODELS = {
     "conv": (make_model, (6, 2, 5, 5), None),
@@ -254,7 +260,15 @@ MODELS = {
     "wide_blocks": (make_wide_model, (3, 40), 16),  # six blocks, each gathering its rows
     "dominant_auto": (make_dominant_model, (6, 150), "auto"),  # the first Linear in two blocks on 2 ranks
     "attention": (make_attention_model, (3, 4, 5), None),
+    "embedding": (make_embedding_model, (3, 4), None),
 }
+
+
+def _batch(model_name: str, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """One rank's inputs: token ids for the embedding model, else Gaussian features."""
+    if model_name == "embedding":
+        return torch.randint(0, 20, shape, generator=generator)
+    return torch.randn(*shape, generator=generator)
 
 
 def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
@@ -271,7 +285,7 @@ def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
     capture = None
     for step in range(STEPS):
         g = torch.Generator().manual_seed(100 * step + rank)
-        x, y = torch.randn(*batch_shape, generator=g), torch.randint(0, 3, (batch_shape[0],), generator=g)
+        x, y = _batch(model_name, batch_shape, g), torch.randint(0, 3, (batch_shape[0],), generator=g)
         model.zero_grad()
         F.cross_entropy(ddp(x), y).backward()
         if pre is not None:
@@ -292,7 +306,7 @@ def _measure(rank: int, world: int, mode: str, model_name: str) -> dict:
 @pytest.mark.parametrize("mode", ["ddp", "dkfac", "dpkfac"])
 def test_engine_counters_equal_the_prediction_exactly(ranks, world_size: int, mode: str, model_name: str) -> None:
     make, batch_shape, max_factor_dim = MODELS[model_name]
-    shapes = shapes_of(make(), example_input=torch.randn(*batch_shape), max_factor_dim=max_factor_dim,
+    shapes = shapes_of(make(), example_input=_batch(model_name, batch_shape), max_factor_dim=max_factor_dim,
                        world_size=world_size, inv_update_steps=HP["inv_update_steps"])
     if model_name == "attention":
         assert [name for name, _ in shapes.layers] == ["0", "1.attn.in_proj", "1.attn.out_proj", "3"]
