@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -214,3 +215,38 @@ class ReferenceKFAC:
         out, nu = precondition_layers(self.frozen, grads, self.damping, self.method, self.kl_clip, self.lr)
         self.kl_scales.append(nu)
         return out
+
+
+def train_against_explicit(
+    model: nn.Module,
+    pre: Any,
+    build_explicit: Callable[[nn.Module], nn.Module],
+    names: dict[str, str],
+    batches: Callable[[int], tuple[Tensor, Tensor]],
+    got: Callable[[], dict[str, Tensor]],
+    hp: dict[str, Any],
+    steps: int = 4,
+    rtol: float = 1e-6,
+) -> None:
+    """Train ``model`` with SGD and the engine ``pre`` for ``steps`` steps on ``batches(step)``, checking that every
+    step's preconditioned gradients ``got()`` (engine layer name -> [dW | db]) equal this dense reference run on
+    ``build_explicit(model)``, the same network written with explicit layers (``names``: engine layer name ->
+    explicit module name), to a relative error below ``rtol``."""
+    dense = ReferenceKFAC(slots={names[n]: s for n, s in pre.schedule().items()}, **hp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        x, y = batches(step)
+        explicit = build_explicit(model)
+        captured = capture(lambda: build_explicit(model), explicit, list(names.values()), x, y, F.cross_entropy)
+        modules = dict(explicit.named_modules())
+        dense.update({n: batch_factors(modules[n], *captured[n]) for n in names.values()})
+        F.cross_entropy(explicit(x), y).backward()
+        expected = dense.precondition_all({n: grad_matrix(modules[n]) for n in names.values()})
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        for n, value in got().items():
+            err = float((value - expected[names[n]]).norm() / expected[names[n]].norm())
+            assert err < rtol, f"step {step}, {n}: relative error {err:.2e}"
+        opt.step()
+

@@ -117,30 +117,17 @@ def test_projections_are_preconditioned_exactly_as_their_explicit_linear_layers(
               method=method)
     pre = KFACPreconditioner(model, **hp)
     assert [l.name for l in pre.layers] == ["0.attn.in_proj", "0.attn.out_proj", "3"]
-    names = {n: n for n in ("0.attn.in_proj", "0.attn.out_proj", "3")}  # engine -> explicit
-    dense = ref.ReferenceKFAC(slots=pre.schedule(), **hp)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(4):
+    attn = model[0].attn
+
+    def batches(step: int) -> tuple[Tensor, Tensor]:
         g = torch.Generator().manual_seed(step)
-        x, y = torch.randn(B, L, E, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
-        explicit = _explicit(model)
-        captured = ref.capture(lambda: _explicit(model), explicit, list(names.values()), x, y, F.cross_entropy)
-        modules = dict(explicit.named_modules())
-        dense.update({n: ref.batch_factors(modules[n], *captured[n]) for n in names.values()})
-        F.cross_entropy(explicit(x), y).backward()
-        expected = dense.precondition_all({n: ref.grad_matrix(modules[n]) for n in names.values()})
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        attn = model[0].attn
-        torch.testing.assert_close(_in_proj_grad(attn), ref.grad_matrix(modules["0.attn.in_proj"]), rtol=1e-10,
-                                   atol=1e-12)
-        pre.step()
-        got = {"0.attn.in_proj": _in_proj_grad(attn), "0.attn.out_proj": ref.grad_matrix(attn.out_proj),
-               "3": ref.grad_matrix(model[3])}
-        for n, value in got.items():
-            err = float((value - expected[n]).norm() / expected[n].norm())
-            assert err < 1e-6, f"step {step}, {n}: relative error {err:.2e}"
-        opt.step()
+        return torch.randn(B, L, E, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
+
+    def got() -> dict[str, Tensor]:
+        return {"0.attn.in_proj": _in_proj_grad(attn), "0.attn.out_proj": ref.grad_matrix(attn.out_proj),
+                "3": ref.grad_matrix(model[3])}
+
+    ref.train_against_explicit(model, pre, _explicit, {n: n for n in pre.schedule()}, batches, got, hp)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -232,30 +219,20 @@ def test_cross_attention_is_three_linear_layers_each_preconditioned_exactly(meth
                      "layer.multihead_attn.k_proj", "layer.multihead_attn.v_proj", "layer.multihead_attn.out_proj",
                      "layer.linear1", "layer.linear2", "head"]
     assert [(l.d_g, l.d_a) for l in pre.layers[2:5]] == [(E, E + 1)] * 3
-    dense = ref.ReferenceKFAC(slots=pre.schedule(), **hp)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(4):
+    modules = dict(model.named_modules())
+
+    def batches(step: int) -> tuple[Tensor, Tensor]:
         g = torch.Generator().manual_seed(step)
-        x, y = torch.randn(B, L + S, E, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
-        explicit = _explicit_decoder(model)
-        captured = ref.capture(lambda: _explicit_decoder(model), explicit, names, x, y, F.cross_entropy)
-        modules = dict(explicit.named_modules())
-        dense.update({n: ref.batch_factors(modules[n], *captured[n]) for n in names})
-        F.cross_entropy(explicit(x), y).backward()
-        expected = dense.precondition_all({n: ref.grad_matrix(modules[n]) for n in names})
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        pre.step()
+        return torch.randn(B, L + S, E, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
+
+    def got() -> dict[str, Tensor]:
         cross = model.layer.multihead_attn
         packed = torch.cat([cross.in_proj_weight.grad, cross.in_proj_bias.grad[:, None]], 1)
-        got = {f"layer.multihead_attn.{p}_proj": packed[i * E:(i + 1) * E] for i, p in enumerate("qkv")}
-        got["layer.self_attn.in_proj"] = _in_proj_grad(model.layer.self_attn)
-        for n in names:
-            module = dict(model.named_modules()).get(n)
-            value = got[n] if n in got else ref.grad_matrix(module)
-            err = float((value - expected[n]).norm() / expected[n].norm())
-            assert err < 1e-6, f"step {step}, {n}: relative error {err:.2e}"
-        opt.step()
+        out = {f"layer.multihead_attn.{p}_proj": packed[i * E:(i + 1) * E] for i, p in enumerate("qkv")}
+        out["layer.self_attn.in_proj"] = _in_proj_grad(model.layer.self_attn)
+        return {n: out[n] if n in out else ref.grad_matrix(modules[n]) for n in names}
+
+    ref.train_against_explicit(model, pre, _explicit_decoder, {n: n for n in names}, batches, got, hp)
 
 
 def test_a_decoder_layer_computes_what_it_computed_before() -> None:

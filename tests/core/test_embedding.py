@@ -43,26 +43,15 @@ def test_an_embedding_is_preconditioned_exactly_as_its_linear_on_one_hot_tokens(
               method=method)
     pre = KFACPreconditioner(model, mode=mode, **hp)
     assert [(l.name, l.d_g, l.d_a) for l in pre.layers] == [("0", E, V), ("3", 3, T * E + 1)]
-    names = {"0": "0.1", "3": "3"}  # engine -> explicit
-    dense = ref.ReferenceKFAC(slots={names[n]: s for n, s in pre.schedule().items()}, **hp)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(4):
+
+    def batches(step: int) -> tuple[Tensor, Tensor]:
         g = torch.Generator().manual_seed(step)
-        ids, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
-        explicit = _explicit(model)
-        captured = ref.capture(lambda: _explicit(model), explicit, list(names.values()), ids, y, F.cross_entropy)
-        modules = dict(explicit.named_modules())
-        dense.update({n: ref.batch_factors(modules[n], *captured[n]) for n in names.values()})
-        F.cross_entropy(explicit(ids), y).backward()
-        expected = dense.precondition_all({n: ref.grad_matrix(modules[n]) for n in names.values()})
-        opt.zero_grad()
-        F.cross_entropy(model(ids), y).backward()
-        pre.step()
-        got = {"0": model[0].weight.grad.T, "3": ref.grad_matrix(model[3])}
-        for n, value in got.items():
-            err = float((value - expected[names[n]]).norm() / expected[names[n]].norm())
-            assert err < 1e-6, f"step {step}, {n}: relative error {err:.2e}"
-        opt.step()
+        return torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+
+    def got() -> dict[str, Tensor]:
+        return {"0": model[0].weight.grad.T, "3": ref.grad_matrix(model[3])}
+
+    ref.train_against_explicit(model, pre, _explicit, {"0": "0.1", "3": "3"}, batches, got, hp)
 
 
 def test_a_is_the_token_frequencies_as_a_vector_and_padding_keeps_a_zero_gradient() -> None:
