@@ -3,7 +3,7 @@
     python examples/train.py                              # digits CNN, dpkfac, 2 CPU ranks, 10 epochs
     python examples/train.py strategy=ddp model=mlp trainer.max_epochs=2
     python examples/train.py experiment=mnist1d_cnn
-    python examples/train.py experiment=charlm_transformer optimizer=adam   # character LM, bits per character
+    python examples/train.py experiment=charlm_transformer optimizer=adamw  # character LM, bits per character
     python examples/train.py -m strategy.damping=0.03,0.1,0.3 strategy.inv_update_steps=10,40
 
 Each job writes ``csv/metrics.csv`` (CSV logger) and ``summary.json`` into its Hydra output dir;
