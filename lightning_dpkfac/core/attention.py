@@ -11,12 +11,15 @@ projection modules (:class:`Projection`) whose weight and bias *are* ``in_proj_w
 - cross-attention (``nn.TransformerDecoderLayer.multihead_attn``: query from the target, key and value from the
   memory): three ``Linear(E, E)``, ``<name>.q_proj``, ``<name>.k_proj``, ``<name>.v_proj``, rows 0:E, E:2E and
   2E:3E of the packed weight, each on its own input;
+- separate weights (``kdim``/``vdim``): the same three layers on ``q_proj_weight``, ``k_proj_weight`` and
+  ``v_proj_weight`` (``Linear(E, E)``, ``Linear(kdim, E)``, ``Linear(vdim, E)``), with their rows of the packed
+  ``in_proj_bias``;
 
 then ``out_proj`` called as the ``nn.Linear`` it is, on the attention output, with scaled dot-product attention
 in between (the module's masks, dropout and attention weights). The parameters, the state dict and the outputs
 stay the module's own (equal up to float round-off); removing the engine's hooks restores the original
-``forward``. Modules with ``kdim``/``vdim`` (separate weights), ``add_bias_kv`` or ``add_zero_attn`` keep their
-plain gradient, with the reason in ``describe()`` (:func:`unsupported_reason`).
+``forward``. Modules with ``add_bias_kv`` or ``add_zero_attn`` keep their plain gradient, with the reason in
+``describe()`` (:func:`unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -31,27 +34,29 @@ from lightning_dpkfac.core.errors import UnsupportedLayerError
 
 
 class Projection(nn.Module):
-    """Rows ``rows`` of an attention module's packed q/k/v projection as a module: ``x (..., E) -> (..., rows)``,
-    all 3E rows for self-attention. It is not registered in the model (its parameters are the module's)."""
+    """Rows ``rows`` of one of an attention module's q/k/v weights as a module: ``x (..., d) -> (..., rows)``
+    (all 3E rows of the packed weight for self-attention), with the bias rows ``bias_offset`` further on in
+    the packed ``in_proj_bias``. Not registered in the model: its parameters are the module's (``weight_name``)."""
 
-    def __init__(self, attention: nn.MultiheadAttention, rows: tuple[int, int]) -> None:
+    def __init__(self, module_name: str, attention: nn.MultiheadAttention, weight: str, rows: tuple[int, int],
+                 bias_offset: int = 0) -> None:
         super().__init__()
-        self.weight = attention.in_proj_weight
+        self.weight = getattr(attention, weight)
         self.bias = attention.in_proj_bias
-        self.rows = rows
+        self.weight_name = f"{module_name}.{weight}" if module_name else weight
+        self.rows, self.bias_offset = rows, bias_offset
 
     def forward(self, x: Tensor) -> Tensor:
-        r0, r1 = self.rows
-        if (r0, r1) == (0, self.weight.shape[0]):
-            return F.linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight[r0:r1], None if self.bias is None else self.bias[r0:r1])
+        (r0, r1), o = self.rows, self.bias_offset
+        weight = self.weight if (r0, r1) == (0, self.weight.shape[0]) else self.weight[r0:r1]
+        bias = None if self.bias is None else self.bias if (r0 + o, r1 + o) == (0, self.bias.shape[0]) \
+            else self.bias[r0 + o:r1 + o]
+        return F.linear(x, weight, bias)
 
 
 def unsupported_reason(name: str, attention: nn.MultiheadAttention) -> str | None:
     """Why K-FAC leaves ``attention`` (named ``name``) to its plain gradient, or ``None`` if
     :class:`AttentionForward` can run it."""
-    if not attention._qkv_same_embed_dim:
-        return "separate q/k/v weights (kdim or vdim differs from embed_dim) are not covered yet"
     if attention.bias_k is not None or attention.add_zero_attn:
         return "add_bias_kv and add_zero_attn are not covered"
     return None
@@ -65,13 +70,18 @@ class AttentionForward:
     def __init__(self, name: str, attention: nn.MultiheadAttention, cross: bool) -> None:
         self.name = name
         self.attention = attention
-        self.cross = cross
-        prefix = f"{name}." if name else ""
+        separate = not attention._qkv_same_embed_dim  # q_proj_weight, k_proj_weight, v_proj_weight
+        self.cross = cross or separate
         e = attention.embed_dim
+        if separate:
+            parts = {p: Projection(name, attention, f"{p}_proj_weight", (0, e), i * e) for i, p in enumerate("qkv")}
+        elif self.cross:
+            parts = {p: Projection(name, attention, "in_proj_weight", (i * e, (i + 1) * e))
+                     for i, p in enumerate("qkv")}
+        else:
+            parts = {"in": Projection(name, attention, "in_proj_weight", (0, 3 * e))}
         #: the projections by the names of their K-FAC layers
-        rows = {f"{prefix}{p}_proj": (i * e, (i + 1) * e) for i, p in enumerate("qkv")} if cross \
-            else {f"{prefix}in_proj": (0, 3 * e)}
-        self.projections = {layer: Projection(attention, r) for layer, r in rows.items()}
+        self.projections = {(f"{name}." if name else "") + f"{p}_proj": proj for p, proj in parts.items()}
 
     def install(self) -> None:
         self.attention.forward = self  # an instance attribute: nn.Module.__call__ reads self.forward
@@ -160,8 +170,8 @@ def attention_forwards(model: nn.Module, skip: list[str]) -> tuple[dict[str, Att
             plain[name] = "in skip_layers"
         elif reason is not None:
             plain[name] = reason
-        elif not module.in_proj_weight.requires_grad:
-            plain[name] = "frozen (in_proj_weight.requires_grad is False)"
+        elif not all(p.requires_grad for p in (module.in_proj_weight, module.q_proj_weight) if p is not None):
+            plain[name] = "frozen (its q/k/v weights do not require grad)"
         else:
             forwards[name] = AttentionForward(name, module, cross=id(module) in cross)
     return forwards, plain

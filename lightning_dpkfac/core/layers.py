@@ -45,9 +45,10 @@ class KFACLayer(ABC):
     diagonal_a = False
 
     def __init__(self, name: str, module: nn.Module, weight_name: str | None = None,
-                 output_rows: tuple[int, int] | None = None) -> None:
+                 output_rows: tuple[int, int] | None = None, bias_offset: int = 0) -> None:
         """``output_rows``: the rows of the weight (and bias) whose outputs the module returns, when it returns
-        only those (one of attention's q/k/v projections of a packed weight); default all."""
+        only those (one of attention's q/k/v projections of a packed weight); default all. ``bias_offset``:
+        where the weight's rows start in the bias (attention's separate q/k/v weights share one packed bias)."""
         self.name = name
         self.module_name = name
         #: the weight's parameter name in the model (``describe()`` tells other names of it as tied)
@@ -57,6 +58,7 @@ class KFACLayer(ABC):
         r0, r1 = output_rows or (0, d_g)
         self.block = Block(r0, r1, 0, d_a)
         self._output_offset = r0  # the weight row of the module's first output feature
+        self._bias_offset = bias_offset
 
     def split(self, blocks: list[Block]) -> list[KFACLayer]:
         """This layer as ``blocks`` (itself when it is one block), named by :func:`block_name`."""
@@ -142,7 +144,7 @@ class KFACLayer(ABC):
         b = self.block
         if param is self.weight:
             return grad.view(grad.shape[0], -1)[b.r0 : b.r1, b.c0 : b.c0 + self.n_w]
-        return grad[b.r0 : b.r1]
+        return grad[b.r0 + self._bias_offset : b.r1 + self._bias_offset]
 
     def input_rows(self, x: Tensor) -> Tensor:
         """The input as rows (examples x locations, ``n_w``): this block's input columns, no bias column."""
@@ -208,7 +210,8 @@ class KFACLayer(ABC):
             bias_grad = self.module.bias.grad
             if bias_grad is None:
                 bias_grad = torch.zeros_like(self.module.bias)
-            matrix = torch.cat([matrix, bias_grad[b.r0 : b.r1].reshape(-1, 1)], dim=1)
+            o = self._bias_offset
+            matrix = torch.cat([matrix, bias_grad[b.r0 + o : b.r1 + o].reshape(-1, 1)], dim=1)
         return matrix
 
     def set_grad_matrix(self, matrix: Tensor, scale: float = 1.0) -> None:
@@ -227,7 +230,7 @@ class KFACLayer(ABC):
             bias = self.module.bias
             if bias.grad is None:
                 bias.grad = torch.zeros_like(bias)
-            torch.mul(matrix[:, n_w], scale, out=bias.grad[b.r0 : b.r1])
+            torch.mul(matrix[:, n_w], scale, out=bias.grad[b.r0 + self._bias_offset : b.r1 + self._bias_offset])
 
 
 class LinearLayer(KFACLayer):
@@ -437,9 +440,8 @@ def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str
     linear_weights = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     for name, module in model.named_modules():
         if name in attention:
-            weight_name = f"{name}.in_proj_weight" if name else "in_proj_weight"
-            layers += [LinearLayer(layer_name, projection, weight_name, projection.rows)
-                       for layer_name, projection in attention[name].projections.items()]
+            layers += [LinearLayer(layer_name, p, p.weight_name, p.rows, p.bias_offset)
+                       for layer_name, p in attention[name].projections.items()]
         if not isinstance(module, SUPPORTED):
             continue
         if name in bypassed:

@@ -41,11 +41,16 @@ class ExplicitAttention(nn.Module):
     def __init__(self, attention: nn.MultiheadAttention, cross: bool) -> None:
         super().__init__()
         bias = attention.in_proj_bias is not None
-        weight, b = attention.in_proj_weight.detach(), attention.in_proj_bias
-        parts = {"q_proj": slice(0, E), "k_proj": slice(E, 2 * E), "v_proj": slice(2 * E, 3 * E)} if cross \
-            else {"in_proj": slice(0, 3 * E)}
-        for name, rows in parts.items():
-            setattr(self, name, _linear(weight[rows], None if b is None else b.detach()[rows]))
+        b = attention.in_proj_bias
+        if attention._qkv_same_embed_dim:
+            weight = attention.in_proj_weight.detach()
+            weights = {"q_proj": weight[:E], "k_proj": weight[E:2 * E], "v_proj": weight[2 * E:]} if cross \
+                else {"in_proj": weight}
+        else:
+            weights = {f"{p}_proj": getattr(attention, f"{p}_proj_weight").detach() for p in "qkv"}
+        for i, (name, weight) in enumerate(weights.items()):
+            rows = slice(i * E, i * E + weight.shape[0])
+            setattr(self, name, _linear(weight, None if b is None else b.detach()[rows]))
         self.out_proj = _linear(attention.out_proj.weight.detach(),
                                 attention.out_proj.bias.detach() if bias else None)
         self.cross = cross
@@ -265,11 +270,59 @@ def test_self_attention_called_with_different_inputs_is_named_with_the_fix() -> 
         attn(x, x.clone(), x.clone())
 
 
-def test_attention_with_separate_weights_is_left_plain_with_its_reason() -> None:
-    attn = nn.MultiheadAttention(E, HEADS, kdim=4, vdim=4, batch_first=True)
+KDIM = 4
+
+
+class KeyValueAttention(nn.Module):
+    """Attention whose key and value have ``KDIM`` features (separate q/k/v weights), on a (B, L, E + KDIM)
+    input: query from the first E features, key and value from the rest."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attn = attention
+
+    def forward(self, x: Tensor) -> Tensor:
+        key_value = x[..., E:]
+        return self.attn(x[..., :E], key_value, key_value)[0]
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_separate_qkv_weights_are_three_linear_layers_each_preconditioned_exactly(method: str) -> None:
+    torch.manual_seed(3)
+    attention = nn.MultiheadAttention(E, HEADS, kdim=KDIM, vdim=KDIM, batch_first=True, dtype=torch.float64)
+    model = nn.Sequential(KeyValueAttention(attention), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(L * E, 3, dtype=torch.float64))
+    hp = dict(damping=1e-2, factor_decay=0.8, kl_clip=1e-3, lr=0.1, factor_update_steps=1, inv_update_steps=2,
+              method=method)
+    pre = KFACPreconditioner(model, **hp)
+    names = [l.name for l in pre.layers]
+    assert names == ["0.attn.q_proj", "0.attn.k_proj", "0.attn.v_proj", "0.attn.out_proj", "3"]
+    assert [(l.d_g, l.d_a) for l in pre.layers[:3]] == [(E, E + 1), (E, KDIM + 1), (E, KDIM + 1)]
+
+    def explicit(net: nn.Sequential) -> nn.Sequential:
+        out = copy.deepcopy(net)
+        out[0].attn = ExplicitAttention(net[0].attn, cross=True)
+        return out
+
+    def batches(step: int) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(step)
+        return torch.randn(B, L, E + KDIM, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
+
+    def got() -> dict[str, Tensor]:
+        bias = attention.in_proj_bias.grad
+        out = {f"0.attn.{p}_proj": torch.cat([getattr(attention, f"{p}_proj_weight").grad,
+                                               bias[i * E:(i + 1) * E, None]], 1) for i, p in enumerate("qkv")}
+        return {**out, "0.attn.out_proj": ref.grad_matrix(attention.out_proj), "3": ref.grad_matrix(model[3])}
+
+    ref.train_against_explicit(model, pre, explicit, {n: n for n in names}, batches, got, hp)
+    assert "0.attn.q_proj_weight" not in pre.plain and "in_proj_bias" not in " ".join(pre.plain)
+
+
+def test_attention_with_add_bias_kv_is_left_plain_with_its_reason() -> None:
+    attn = nn.MultiheadAttention(E, HEADS, add_bias_kv=True, batch_first=True)
     pre = KFACPreconditioner(nn.Sequential(attn), lr=0.1)
-    assert pre.layers == [] and "separate q/k/v weights" in pre.skipped["0"]
-    assert "separate q/k/v weights" in pre.plain["0.q_proj_weight"] and "0.out_proj" in pre.skipped
+    assert pre.layers == [] and "add_bias_kv" in pre.skipped["0"]
+    assert "add_bias_kv" in pre.plain["0.in_proj_weight"] and "0.out_proj" in pre.skipped
 
 
 def test_attention_in_skip_layers_keeps_its_own_forward_and_plain_gradients() -> None:
