@@ -48,10 +48,7 @@ class Projection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         (r0, r1), o = self.rows, self.bias_offset
-        weight = self.weight if (r0, r1) == (0, self.weight.shape[0]) else self.weight[r0:r1]
-        bias = None if self.bias is None else self.bias if (r0 + o, r1 + o) == (0, self.bias.shape[0]) \
-            else self.bias[r0 + o:r1 + o]
-        return F.linear(x, weight, bias)
+        return F.linear(x, self.weight[r0:r1], None if self.bias is None else self.bias[r0 + o:r1 + o])
 
 
 def unsupported_reason(name: str, attention: nn.MultiheadAttention) -> str | None:

@@ -83,10 +83,11 @@ def block_limits(shapes: Sequence[LayerShape], max_factor_dim: int | str | None,
     """Per layer, the largest block ``(rows, columns)`` (``d_g``, ``d_a``) ``max_factor_dim`` cuts it into;
     ``None`` leaves that side whole (see the module docstring for ``"auto"``)."""
     check_max_factor_dim(max_factor_dim)
+    # A diagonal A (an embedding's) costs d_a, not d_a^3: such a layer stays whole, out of "auto"'s fair share.
     if max_factor_dim is None or isinstance(max_factor_dim, int):
-        return [(max_factor_dim, max_factor_dim)] * len(shapes)
-    fair = sum(layer_cost(s, inv_update_steps) for s in shapes) / world_size
-    return [_fair_share_block(s, fair, inv_update_steps) for s in shapes]
+        return [(None, None) if s.diagonal_a else (max_factor_dim, max_factor_dim) for s in shapes]
+    fair = sum(layer_cost(s, inv_update_steps) for s in shapes if not s.diagonal_a) / world_size
+    return [(None, None) if s.diagonal_a else _fair_share_block(s, fair, inv_update_steps) for s in shapes]
 
 
 def _fair_share_block(shape: LayerShape, fair: float, inv_update_steps: int) -> tuple[int, int]:

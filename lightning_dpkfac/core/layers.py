@@ -86,6 +86,16 @@ class KFACLayer(ABC):
         return self.weight.shape[0], self._n_w + int(self._module_has_bias)
 
     @property
+    def _bias_rows(self) -> slice:
+        """This layer's (block's) entries of the module's bias."""
+        return slice(self.block.r0 + self._bias_offset, self.block.r1 + self._bias_offset)
+
+    @property
+    def shape(self) -> LayerShape:
+        """Its factor sizes, for owner costs, blocks and message sizes."""
+        return LayerShape(self.d_a, self.d_g, diagonal_a=self.diagonal_a)
+
+    @property
     def is_block(self) -> bool:
         """Whether this is part of its module's weight rather than all of it."""
         d_g, d_a = self.module_dims
@@ -144,7 +154,7 @@ class KFACLayer(ABC):
         b = self.block
         if param is self.weight:
             return grad.view(grad.shape[0], -1)[b.r0 : b.r1, b.c0 : b.c0 + self.n_w]
-        return grad[b.r0 + self._bias_offset : b.r1 + self._bias_offset]
+        return grad[self._bias_rows]
 
     def input_rows(self, x: Tensor) -> Tensor:
         """The input as rows (examples x locations, ``n_w``): this block's input columns, no bias column."""
@@ -210,8 +220,7 @@ class KFACLayer(ABC):
             bias_grad = self.module.bias.grad
             if bias_grad is None:
                 bias_grad = torch.zeros_like(self.module.bias)
-            o = self._bias_offset
-            matrix = torch.cat([matrix, bias_grad[b.r0 + o : b.r1 + o].reshape(-1, 1)], dim=1)
+            matrix = torch.cat([matrix, bias_grad[self._bias_rows].reshape(-1, 1)], dim=1)
         return matrix
 
     def set_grad_matrix(self, matrix: Tensor, scale: float = 1.0) -> None:
@@ -230,7 +239,7 @@ class KFACLayer(ABC):
             bias = self.module.bias
             if bias.grad is None:
                 bias.grad = torch.zeros_like(bias)
-            torch.mul(matrix[:, n_w], scale, out=bias.grad[b.r0 + self._bias_offset : b.r1 + self._bias_offset])
+            torch.mul(matrix[:, n_w], scale, out=bias.grad[self._bias_rows])
 
 
 class LinearLayer(KFACLayer):
@@ -343,13 +352,6 @@ class EmbeddingLayer(KFACLayer):
     def _n_w(self) -> int:
         return self.weight.shape[0]
 
-    def split(self, blocks: list[Block]) -> list[KFACLayer]:
-        assert len(blocks) == 1, "discover_layers never cuts an embedding"
-        return [self]
-
-    def grad_piece(self, param: Tensor, grad: Tensor) -> Tensor:
-        return grad
-
     def _input_rows(self, x: Tensor, c0: int, c1: int) -> Tensor:
         return F.one_hot(x.reshape(-1), self.weight.shape[0])[:, c0:c1].to(self.weight.dtype)
 
@@ -461,11 +463,9 @@ def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str
         names = [n for n, _ in model.named_modules()][1:6]
         raise ValueError(f"skip_layers names {unknown}, which match no module name or class name in the model. "
                          f"Module names look like {names}.")
-    # A diagonal A costs d_a, not d_a^3: such layers stay whole, and are left out of "auto"'s fair share.
-    cut = [l for l in layers if not l.diagonal_a]
-    grids = iter(cut_layers([LayerShape(l.d_a, l.d_g) for l in cut], max_factor_dim, world_size, inv_update_steps))
-    parts = [part for layer in layers for part in (layer.split(next(grids)) if not layer.diagonal_a else [layer])]
-    return Discovery(parts, skipped, attention)
+    grids = cut_layers([l.shape for l in layers], max_factor_dim, world_size, inv_update_steps)
+    return Discovery([part for layer, blocks in zip(layers, grids) for part in layer.split(blocks)], skipped,
+                     attention)
 
 
 def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dict[str, str]) -> dict[str, str]:

@@ -39,7 +39,6 @@ from lightning_dpkfac.core.payload import Flag
 from lightning_dpkfac.core.state import LayerState, LayerStateView
 from lightning_dpkfac.core.timing import DecompositionReport, PhaseTimer
 from lightning_dpkfac.distributed.assignment import (
-    LayerShape,
     assign_owners,
     decomposes_at,
     decomposition_slots,
@@ -80,7 +79,7 @@ class KFACPreconditioner:
         self.layers, self.skipped, self._attention = found.layers, found.skipped, found.attention
         #: trainable parameters left to their plain gradient, with the reason (``describe()`` lists them)
         self.plain = plain_parameters(model, self.layers, self.skipped)
-        shapes = [LayerShape(l.d_a, l.d_g, diagonal_a=l.diagonal_a) for l in self.layers]
+        shapes = [l.shape for l in self.layers]
         self.costs = [layer_cost(s, cfg.inv_update_steps) for s in shapes]
         self.owners = assign_owners(self.costs, self.world_size)
         #: per layer, the step of each decomposition interval at which it is decomposed
@@ -300,7 +299,8 @@ class KFACPreconditioner:
     def state_dict(self) -> dict[str, Any]:
         """The state of the layers this rank *owns*, with the counters (``core.checkpoint``'s schema)."""
         return {"format": checkpoint.FORMAT, "steps": self.steps, "world_size": self.world_size,
-                "kl_peak_lr": self.kl_peak_lr, "method": self.config.method, "rows": self._rows.state_dict(), "faults": self.faults.state_dict(),
+                "kl_peak_lr": self.kl_peak_lr, "method": self.config.method, "rows": self._rows.state_dict(),
+                "faults": self.faults.state_dict(),
                 "layers": checkpoint.layer_entries(self.layers, self.owners, self.rank, self._states)}
 
     def gather_state_dict(self, dst: int = 0) -> dict[str, Any] | None:

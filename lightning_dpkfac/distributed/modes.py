@@ -156,7 +156,7 @@ class DKFAC(Distribution):
                                 torch.ones(1, dtype=dtypes[i], device=device)]
                 else:
                     tensors += [torch.zeros(s, dtype=dtypes[i], device=device)
-                                for s in self.factor_shapes(_shape(self.layers[i]))]
+                                for s in self.factor_shapes(self.layers[i].shape)]
         with self.timer("comm"):
             self.comm.all_reduce_sum(tensors, "factors")
         counts = payload.to_host(tensors[2::3])  # one host sync for all layers
@@ -181,7 +181,8 @@ class DKFAC(Distribution):
             layer = self.layers[i]
             result, device = results.get(i), layer.weight.device
             parts[i] = list(result) if result is not None else [
-                torch.zeros(s, dtype=dtypes[i], device=device) for s in method.wire_shapes(layer.d_a, layer.d_g, layer.diagonal_a)]
+                torch.zeros(s, dtype=dtypes[i], device=device)
+                for s in method.wire_shapes(layer.d_a, layer.d_g, layer.diagonal_a)]
             flag = (1.0 if result is not None else 2.0) if i in results else 0.0
             flags.append(torch.full((1,), flag, dtype=dtypes[i], device=device))
             tensors += parts[i] + [flags[-1]]
@@ -209,7 +210,3 @@ class DKFAC(Distribution):
 def distribution_for(mode: str) -> type[Distribution]:
     """The :class:`Distribution` class of ``KFACConfig.mode`` (one of ``core.config.MODES``)."""
     return {cls.name: cls for cls in (DPKFAC, DKFAC)}[mode]
-
-
-def _shape(layer: KFACLayer) -> LayerShape:
-    return LayerShape(layer.d_a, layer.d_g, diagonal_a=layer.diagonal_a)

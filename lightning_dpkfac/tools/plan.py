@@ -21,6 +21,7 @@ a second table: owner balance and per-rank state with blocks).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 from collections.abc import Callable, Sequence
@@ -35,7 +36,6 @@ from lightning_dpkfac.core.decomposition import decomposition_for
 from lightning_dpkfac.core.factors import keeps_as_rows
 from lightning_dpkfac.core.layers import Discovery, KFACLayer, LinearLayer, discover_layers
 from lightning_dpkfac.distributed.assignment import (
-    LayerShape,
     assign_owners,
     decomposes_at,
     decomposition_slots,
@@ -70,7 +70,7 @@ def shapes_of(model: nn.Module, skip_layers: Sequence[str] = (), name: str | Non
     params = [layer.weight for layer in layers] or list(model.parameters())
     return ModelShapes(
         name or type(model).__name__,
-        tuple((layer.name, LayerShape(layer.d_a, layer.d_g, rows[layer.name], layer.diagonal_a)) for layer in layers),
+        tuple((layer.name, dataclasses.replace(layer.shape, rows_per_example=rows[layer.name])) for layer in layers),
         other_params=other,
         element_size=params[0].element_size() if params else 4,
     )
