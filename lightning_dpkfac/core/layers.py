@@ -399,6 +399,11 @@ def grad_hook_target(output: Tensor) -> Tensor:
 
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+#: Normalisation layers (BatchNorm*, SyncBatchNorm and InstanceNorm* share ``_NormBase``): their scale and shift
+#: keep the plain gradient by design, see ``NORM_REASON``.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+NORM_REASON = ("a normalisation layer: its scale and shift keep the plain gradient (a K-FAC scale-and-shift block "
+               "did not pay off, docs/decisions.md)")
 
 
 def make_layer(name: str, module: nn.Module) -> KFACLayer:
@@ -485,6 +490,8 @@ def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dic
             elif type(module) is nn.Module or isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) \
                     or module is model:
                 plain[name] = "a bare nn.Parameter (no layer to take factors from)"
+            elif isinstance(module, NORM_LAYERS):
+                plain[name] = f"{type(module).__name__} is {NORM_REASON}"
             else:
                 plain[name] = f"{type(module).__name__} is not a K-FAC layer type (supported: {supported})"
     return plain

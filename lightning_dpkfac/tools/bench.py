@@ -20,17 +20,20 @@ a decomposition interval does and holds each layer's decompositions in proportio
 number of repetitions (``--reps``), in fresh processes. A fresh batch every step: synthetic tensors, or
 digits for the CNN. Every rank flushes denormal floats and keeps freed memory (``_tune_cpu_process``),
 whatever the strategy.
-Convergence (``--tasks``): DDP-SGD, DDP-Adam, dkfac and dpkfac (SGD with momentum plus K-FAC) trained
-side by side on digits (CNN, target 97%) and MNIST-1D (1-D CNN, target 90%), accuracy on the test split
-(``--eval-split val`` for choosing hyper-parameters) every ``--eval-every`` steps and at the end of every
-epoch, for each of ``--seeds``; training time is the sum of the strategy's own step times (evaluation and
-data loading excluded).
+Convergence (``--tasks``): each task's DDP baselines and dkfac and dpkfac trained side by side, step by step,
+for each of its seeds (``--seeds``), the held-out metric every ``--eval-every`` steps and at the end of every
+epoch; training time is the sum of the strategy's own step times (evaluation and data loading excluded):
+
+- digits (CNN) to 97% and MNIST-1D (1-D CNN) to 90% test accuracy (``--eval-split val`` for choosing
+  hyper-parameters): DDP-SGD, DDP-Adam, and K-FAC under SGD with momentum;
+- ``charlm``, the character Transformer LM on standard-library source (``CharLMDataModule``) to 2.1 bits per
+  character on its validation text (it has no test text): DDP-SGD, DDP-AdamW, and K-FAC under AdamW.
 
 Outputs in ``--out``: ``results.json``, ``results.md`` (tables and the performance goals), and the plots
-``step_time.png`` (breakdown bars), ``bytes.png`` (bytes per step by kind), ``accuracy.png`` (accuracy
-vs training wall time).
+``step_time.png`` (breakdown bars), ``bytes.png`` (bytes per step by kind), ``convergence.png`` (each task's
+metric vs training wall time).
 
-``results.json`` schema (``"schema": "lightning_dpkfac.tools.bench/2"``; times in seconds, sizes in bytes):
+``results.json`` schema (``"schema": "lightning_dpkfac.tools.bench/3"``; times in seconds, sizes in bytes):
 
 - ``machine``: ``platform``, ``cpu_count``, ``torch``, ``backend`` ("gloo"/"nccl"), ``device``,
   ``world_size``, ``loadavg_start`` and ``loadavg_end`` (the 1, 5 and 15-minute load averages: other
@@ -62,12 +65,14 @@ vs training wall time).
   ``blocks`` (with ``--block-dim``): ``max_factor_dim``, ``layers`` (blocks), and ``strategies[s]`` for s in
   dkfac, dpkfac: ``state_bytes`` per rank and ``load_imbalance`` with layers split by
   ``max_factor_dim=--block-dim`` (default ``auto``).
-- ``convergence[task]``: ``target`` accuracy, ``split`` ("test" or "val"), ``eval_every`` and ``batch_size``
-  (per rank); ``runs[s]``: per seed {``seed``, ``curve`` [[epochs done (fractional), train_s, accuracy],
-  ...], ``time_to_target_s``, ``epochs_to_target`` (fractional; null if never reached), ``final_acc``};
-  ``summary[s]``: {``time_to_target_s``, ``epochs_to_target``, ``final_acc``} each {``median``, ``min``,
-  ``max``} over the seeds (a seed that never reached the target counts as infinite: null), and ``reached``
-  ("k/n").
+- ``convergence[task]``: ``metric`` ("accuracy" or "bpc") and ``lower_is_better``, its ``target``, ``split``
+  ("test" or "val") and ``tuning`` (true under ``--eval-split val``: no goal is judged), ``eval_every`` and
+  ``batch_size`` (per rank), ``baselines`` (optimizers of the DDP strategies), ``kfac_optimizer``, ``lrs`` (per
+  strategy); ``runs[s]``: per seed {``seed``, ``curve`` [[epochs done (fractional), train_s, metric], ...],
+  ``time_to_target_s``, ``epochs_to_target`` (fractional; null if never reached), ``final`` (the last metric),
+  ``mean_step_s`` (training seconds per step)}; ``summary[s]``: {``time_to_target_s``, ``epochs_to_target``,
+  ``final``, ``mean_step_s``} each {``median``, ``min``, ``max``} over the seeds (a seed that never reached the
+  target counts as infinite: null), and ``reached`` ("k/n").
 - ``paper_ratios[model]``: dkfac over dpkfac per rank and step, the paper's three figures:
   ``computation`` (factor + inverse + precondition seconds), ``communication`` (bytes), ``kfac_memory``
   (largest per-rank K-FAC state) and ``peak_rss`` (``bench_report.paper_ratios``).
@@ -78,6 +83,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import math
 import os
@@ -85,13 +91,14 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -101,16 +108,17 @@ from lightning_dpkfac.tools.bench_report import PHASES, evaluate_goals, paper_ra
 from lightning_dpkfac.distributed.comm import KINDS, Communicator
 from lightning_dpkfac.distributed.router import counting_all_reduce_hook
 from lightning_dpkfac.core.config import FIELDS, KFACConfig, unknown_key_message
-from lightning_dpkfac.tools.data import DigitsDataModule, MNIST1DDataModule
+from lightning_dpkfac.tools.data import CharLMDataModule, DigitsDataModule, MNIST1DDataModule
 from lightning_dpkfac.tools.plan import max_factor_dim_arg, predict_bytes, shapes_of
 from lightning_dpkfac.core.preconditioner import KFACPreconditioner
 from lightning_dpkfac.tools.ranks import run_ranks
 
-SCHEMA = "lightning_dpkfac.tools.bench/2"
+SCHEMA = "lightning_dpkfac.tools.bench/3"
 STEP_STRATEGIES = ("ddp", "dkfac", "dpkfac")
-TRAIN_STRATEGIES = ("sgd", "adam", "dkfac", "dpkfac")
 #: KFACConfig fields the benchmark sets itself: ``mode`` per strategy, ``lr`` from ``--lr`` or ``--kfac-lr``.
 PER_STRATEGY = ("mode", "lr")
+#: SGD learning rate of the step-time trials unless ``--lr`` is given.
+STEP_LR = 0.1
 #: Seconds a trial may take before its ranks count as hung (a ResNet-18 step-time trial takes minutes on CPU).
 TRIAL_TIMEOUT_S = 1800.0
 
@@ -160,13 +168,79 @@ def _step_batches(model: str, batch_size: int, rank: int, seed: int, count: int)
             for _ in range(count)]
 
 
-#: task -> (data module factory (batch_size) -> module, network factory)
-TASKS: dict[str, tuple[Callable[[int], Any], Callable[[], nn.Module]]] = {
-    "digits": (lambda batch_size: DigitsDataModule(batch_size=batch_size), models.cnn),
-    "mnist1d": (lambda batch_size: MNIST1DDataModule(batch_size=batch_size), models.cnn1d),
+#: AdamW's decoupled weight decay, as in conf/optimizer/adamw.yaml.
+ADAMW_WEIGHT_DECAY = 0.01
+
+
+@dataclass(frozen=True)
+class Task:
+    """A convergence task: its data module (built from the batch size per rank and the seed), network, the
+    metric on the held-out split and its target ("accuracy": fraction correct, higher is better; "bpc": bits
+    per character, lower is better), epochs and seeds unless the command line sets them, the DDP baselines
+    (their optimizers: "sgd", "adam" or "adamw"), the optimizer that dkfac and dpkfac step with, and the learning
+    rate of each optimizer ("kfac": under dkfac and dpkfac); ``splits``: the held-out splits of its data."""
+
+    make_data: Callable[[int, int], Any]
+    make_net: Callable[[], nn.Module]
+    metric: str
+    target: float
+    epochs: int
+    seeds: int
+    baselines: tuple[str, ...]
+    kfac_optimizer: str
+    lrs: dict[str, float]
+    splits: tuple[str, ...] = ("test", "val")
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return (*self.baselines, "dkfac", "dpkfac")
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric == "bpc"
+
+    def optimizer(self, strategy: str) -> str:
+        """The optimizer of ``strategy`` (a baseline or dkfac/dpkfac)."""
+        return strategy if strategy in self.baselines else self.kfac_optimizer
+
+    def lr(self, strategy: str) -> float:
+        return self.lrs[strategy if strategy in self.baselines else "kfac"]
+
+
+TASKS: dict[str, Task] = {
+    "digits": Task(lambda batch_size, seed: DigitsDataModule(batch_size=batch_size), models.cnn, "accuracy", 0.97,
+                   epochs=20, seeds=10, baselines=("sgd", "adam"), kfac_optimizer="sgd",
+                   lrs={"sgd": 0.1, "adam": 1e-2, "kfac": 0.1}),
+    "mnist1d": Task(lambda batch_size, seed: MNIST1DDataModule(batch_size=batch_size), models.cnn1d, "accuracy",
+                    0.90, epochs=30, seeds=10, baselines=("sgd", "adam"), kfac_optimizer="sgd",
+                    lrs={"sgd": 0.1, "adam": 1e-2, "kfac": 0.1}),
+    # CharTransformer's defaults are conf/model/char_transformer.yaml's. AdamW is the usual LM baseline, and K-FAC
+    # steps with it too (docs/benchmarks.md). 89 steps per epoch and rank on 2 ranks.
+    "charlm": Task(lambda batch_size, seed: CharLMDataModule(batch_size=batch_size, seq_len=64, seed=seed),
+                   models.CharTransformer, "bpc", 2.1, epochs=6, seeds=5, baselines=("sgd", "adamw"),
+                   kfac_optimizer="adamw", lrs={"sgd": 0.1, "adamw": 3e-3, "kfac": 3e-3}, splits=("val",)),
 }
 #: Examples per rank and step of the convergence tasks, unless ``--batch-size`` is given.
 TASK_BATCH_SIZE = 64
+
+
+def _train_loader(data: Any, batch_size: int, world_size: int, rank: int, seed: int) -> DataLoader:
+    """This rank's share of every epoch's training batches (the loader's sampler takes ``set_epoch``)."""
+    if isinstance(data, CharLMDataModule):  # its own seeded sampler of random windows, dealt out as Lightning does
+        loader = data.train_dataloader()
+        sampler: DistributedSampler = DistributedSamplerWrapper(loader.sampler, num_replicas=world_size, rank=rank,
+                                                                shuffle=False)
+        return DataLoader(loader.dataset, batch_size=batch_size, sampler=sampler)
+    sampler = DistributedSampler(data.train_set, world_size, rank, shuffle=True, seed=seed)
+    return DataLoader(data.train_set, batch_size=batch_size, sampler=sampler)
+
+
+def _eval_batches(data: Any, split: str) -> list[tuple[Tensor, Tensor]]:
+    """Every example of the held-out ``split`` ("test" or "val"), in batches; the character LM has only "val"."""
+    if isinstance(data, CharLMDataModule):
+        return list(data.val_dataloader())
+    x, y = getattr(data, f"{split}_set").tensors
+    return list(zip(x.split(512), y.split(512)))
 
 
 # ---------------------------------------------------------------------------------- trials
@@ -195,21 +269,20 @@ class StepTrial:
 
 @dataclass(frozen=True)
 class TrainTrial:
-    """Training of ``strategies`` (in ``TRAIN_STRATEGIES``) on task ``task`` side by side, step by step,
-    from the same initial weights and data order; accuracy on ``split`` ("test" or "val") every
-    ``eval_every`` steps and at the end of every epoch."""
+    """Training of the strategies of task ``task`` (``Task.strategies``) side by side, step by step, from the
+    same initial weights and data order, each with its learning rate in ``lrs``; the task's metric on
+    ``split`` ("test" or "val") every ``eval_every`` steps, at the end of every epoch and after the last step
+    (``max_steps`` at most, when given)."""
 
     task: str
-    strategies: tuple[str, ...]
     seed: int
     epochs: int
     batch_size: int
-    lr: float
-    adam_lr: float
-    kfac_lr: float
+    lrs: dict[str, float]
     kfac: KFACConfig
     eval_every: int
     split: str
+    max_steps: int | None = None
 
 
 def _device(rank: int) -> torch.device:
@@ -223,11 +296,12 @@ def _sync(device: torch.device) -> None:
 
 class Contender:
     """One strategy on this rank: its own model (seeded), DDP wrapper with counted gradient traffic,
-    engine (dkfac, dpkfac: ``kfac`` with ``mode`` the strategy) and optimizer: Adam with ``lr`` for "adam",
-    SGD with momentum 0.9 and ``lr`` otherwise (K-FAC's KL-clip reads the same ``lr``)."""
+    engine (dkfac, dpkfac: ``kfac`` with ``mode`` the strategy; any other name: none) and ``optimizer`` with
+    ``lr``: "sgd" (momentum 0.9), "adam" or "adamw" (weight decay ``ADAMW_WEIGHT_DECAY``); K-FAC's KL-clip
+    reads the same ``lr``."""
 
-    def __init__(self, strategy: str, make_net: Callable[[], nn.Module], kfac: KFACConfig, lr: float,
-                 seed: int, device: torch.device) -> None:
+    def __init__(self, strategy: str, optimizer: str, make_net: Callable[[], nn.Module], kfac: KFACConfig,
+                 lr: float, seed: int, device: torch.device) -> None:
         self.strategy, self.device = strategy, device
         torch.manual_seed(seed)
         self.model = make_net().to(device)
@@ -241,8 +315,9 @@ class Contender:
             self.comm = Communicator()
             self.ddp.register_comm_hook(self.comm, counting_all_reduce_hook)
         params = self.model.parameters()
-        self.opt = (torch.optim.Adam(params, lr=lr) if strategy == "adam"
-                    else torch.optim.SGD(params, lr=lr, momentum=0.9))
+        self.opt = {"sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9),
+                    "adam": lambda: torch.optim.Adam(params, lr=lr),
+                    "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=ADAMW_WEIGHT_DECAY)}[optimizer]()
         self.capture = 0  # largest batch-factor accumulators seen between backward and step(), bytes
 
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
@@ -254,7 +329,8 @@ class Contender:
         _sync(self.device)
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.ddp(x), y).backward()
+        # (B, C) class logits, or (B, T, V) next-character logits against (B, T) targets
+        F.cross_entropy(self.ddp(x).flatten(0, -2), y.flatten()).backward()
         _sync(self.device)
         t1 = time.perf_counter()
         hooks = timings()
@@ -303,7 +379,7 @@ def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
     rss_start = _rss_bytes()
     device = _device(rank)
     make_net = STEP_MODELS[trial.model].make
-    contenders = [Contender(s, make_net, trial.kfac, trial.lr, trial.seed, device) for s in trial.strategies]
+    contenders = [Contender(s, "sgd", make_net, trial.kfac, trial.lr, trial.seed, device) for s in trial.strategies]
     # A fresh batch every step: a few batches repeated would be memorised, and the vanishing gradients
     # (denormal floats) would slow every matrix product of the fastest learner many times over on CPU (docs/benchmarks.md).
     count = trial.warmup + trial.steps
@@ -335,43 +411,55 @@ def step_worker(rank: int, world_size: int, trial: StepTrial) -> dict[str, Any]:
 
 
 def train_worker(rank: int, world_size: int, trial: TrainTrial) -> dict[str, Any]:
-    """Train every strategy ``trial.epochs`` epochs, step by step in turn; per strategy, the curve
-    [[epochs done (steps / steps per epoch), cumulative training seconds, accuracy on trial.split], ...]."""
+    """Train every strategy of the task, step by step in turn; per strategy, the curve [[epochs done (steps /
+    steps per epoch), cumulative training seconds, the task's metric on trial.split], ...]."""
     _tune_cpu_process()
     device = _device(rank)
-    make_data, make_net = TASKS[trial.task]
-    data = make_data(trial.batch_size)
+    task = TASKS[trial.task]
+    data = task.make_data(trial.batch_size, trial.seed)
     data.setup()
-    sampler = DistributedSampler(data.train_set, world_size, rank, shuffle=True, seed=trial.seed)
-    loader = DataLoader(data.train_set, batch_size=trial.batch_size, sampler=sampler)
-    x_eval, y_eval = (t.to(device) for t in getattr(data, f"{trial.split}_set").tensors)
-    lrs = {"sgd": trial.lr, "adam": trial.adam_lr, "dkfac": trial.kfac_lr, "dpkfac": trial.kfac_lr}
-    contenders = [Contender(s, make_net, trial.kfac, lrs[s], trial.seed, device) for s in trial.strategies]
-    train_s = dict.fromkeys(trial.strategies, 0.0)
-    curves: dict[str, list[list[float]]] = {s: [] for s in trial.strategies}
-    step = 0
-    for epoch in range(1, trial.epochs + 1):
-        sampler.set_epoch(epoch)
+    loader = _train_loader(data, trial.batch_size, world_size, rank, trial.seed)
+    held_out = [(x.to(device), y.to(device)) for x, y in _eval_batches(data, trial.split)]
+    contenders = [Contender(s, task.optimizer(s), task.make_net, trial.kfac, trial.lrs[s], trial.seed, device)
+                  for s in task.strategies]
+    train_s = dict.fromkeys(task.strategies, 0.0)
+    curves: dict[str, list[list[float]]] = {s: [] for s in task.strategies}
+    steps = itertools.islice(_epochs(loader, trial.epochs), trial.max_steps)
+    for step, (i, x, y) in enumerate(steps, 1):
+        x, y = x.to(device), y.to(device)
+        for c in _rotated(contenders, i):
+            train_s[c.strategy] += c.step(x, y)["step"]
+        if step % trial.eval_every == 0 or i == len(loader) - 1 or step == trial.max_steps:
+            for c in contenders:
+                value = _evaluate(c.model, held_out, task.metric)
+                curves[c.strategy].append([step / len(loader), train_s[c.strategy], value])
+    return {"curves": curves, "steps_per_epoch": len(loader)}
+
+
+def _epochs(loader: DataLoader, epochs: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(index in its epoch, x, y)`` for every batch of ``epochs`` epochs (numbered from 1, as the sampler's seed)."""
+    for epoch in range(1, epochs + 1):
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         for i, (x, y) in enumerate(loader):
-            x, y = x.to(device), y.to(device)
-            for c in _rotated(contenders, i):
-                train_s[c.strategy] += c.step(x, y)["step"]
-            step += 1
-            if step % trial.eval_every == 0 or i == len(loader) - 1:
-                for c in contenders:
-                    accuracy = _accuracy(c.model, x_eval, y_eval)
-                    curves[c.strategy].append([step / len(loader), train_s[c.strategy], accuracy])
-    return {"curves": curves}
+            yield i, x, y
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Accuracy of ``model`` on ``(x, y)`` (the same on every rank: parameters are identical), evaluated in
-    eval mode; the model is left in training mode."""
+def _evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], metric: str) -> float:
+    """``metric`` of ``model`` over ``batches`` (the same on every rank: parameters are identical), in eval mode:
+    "accuracy", the fraction of examples whose largest logit is the label; "bpc", the mean cross-entropy per
+    character in bits. The model is left in training mode."""
     model.eval()
-    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(512), y.split(512)))
+    total, count = 0.0, 0
+    for x, y in batches:
+        logits = model(x)
+        if metric == "accuracy":
+            total += int((logits.argmax(-1) == y).sum())
+        else:
+            total += float(F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum")) / math.log(2)
+        count += y.numel()
     model.train()
-    return correct / len(y)
+    return total / count
 
 
 # ---------------------------------------------------------------------------------- rank set-up
@@ -473,8 +561,9 @@ def summarize_step_trials(
     return out
 
 
-def _first_reaching(curve: list[list[float]], target: float) -> list[float] | None:
-    return next((point for point in curve if point[2] >= target), None)
+def _first_reaching(curve: list[list[float]], target: float, lower_is_better: bool) -> list[float] | None:
+    """The first point of ``curve`` whose metric is at or beyond ``target``."""
+    return next((point for point in curve if (point[2] <= target if lower_is_better else point[2] >= target)), None)
 
 
 def _median_spread(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -488,28 +577,34 @@ def _median_spread(values: Sequence[float | None]) -> dict[str, float | None]:
 
 
 def summarize_train_trials(trials: Sequence[tuple[TrainTrial, list[dict[str, Any]]]],
-                           targets: dict[str, float]) -> dict[str, Any]:
-    """The ``convergence`` section of the schema."""
+                           tuning: bool = False) -> dict[str, Any]:
+    """The ``convergence`` section of the schema (``tuning``: the split is the one for choosing settings)."""
     out: dict[str, Any] = {}
     for trial, ranks in trials:
-        task = out.setdefault(trial.task, {"target": targets[trial.task], "split": trial.split,
-                                           "eval_every": trial.eval_every, "batch_size": trial.batch_size,
-                                           "runs": {}, "summary": {}})
+        task = TASKS[trial.task]
+        section = out.setdefault(trial.task, {
+            "metric": task.metric, "lower_is_better": task.lower_is_better, "target": task.target,
+            "split": trial.split, "tuning": tuning, "eval_every": trial.eval_every, "batch_size": trial.batch_size,
+            "baselines": list(task.baselines), "kfac_optimizer": task.kfac_optimizer, "lrs": trial.lrs,
+            "runs": {}, "summary": {}})
         for strategy, curve in ranks[0]["curves"].items():
-            hit = _first_reaching(curve, task["target"])
-            task["runs"].setdefault(strategy, []).append({
+            hit = _first_reaching(curve, task.target, task.lower_is_better)
+            steps = round(curve[-1][0] * ranks[0]["steps_per_epoch"])
+            section["runs"].setdefault(strategy, []).append({
                 "seed": trial.seed,
                 "curve": curve,
                 "time_to_target_s": hit[1] if hit else None,
                 "epochs_to_target": hit[0] if hit else None,
-                "final_acc": curve[-1][2],
+                "final": curve[-1][2],
+                "mean_step_s": curve[-1][1] / steps,
             })
-    for task in out.values():
-        for strategy, runs in task["runs"].items():
-            task["summary"][strategy] = {
+    for section in out.values():
+        for strategy, runs in section["runs"].items():
+            section["summary"][strategy] = {
                 "time_to_target_s": _median_spread([r["time_to_target_s"] for r in runs]),
                 "epochs_to_target": _median_spread([r["epochs_to_target"] for r in runs]),
-                "final_acc": _median_spread([r["final_acc"] for r in runs]),
+                "final": _median_spread([r["final"] for r in runs]),
+                "mean_step_s": _median_spread([r["mean_step_s"] for r in runs]),
                 "reached": f"{sum(r['time_to_target_s'] is not None for r in runs)}/{len(runs)}",
             }
     return out
@@ -542,14 +637,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM ('auto': split "
                         "only the layers above the ranks' fair share; 0: not; skipped under --kfac max_factor_dim=...)")
     p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS), help="convergence: the tasks")
-    p.add_argument("--seeds", nargs="*", type=int, default=list(range(10)),
-                   help="convergence: one run per seed (its weights and data order); 97%% on 360 test digits sits on "
-                        "every method's plateau, so a median needs many")
+    p.add_argument("--seeds", nargs="*", type=int, default=None,
+                   help="convergence: one run per seed (its weights and data order); None: seeds 0, 1, ... as many as "
+                        "the task's own (" + ", ".join(f"{t} {task.seeds}" for t, task in TASKS.items()) + "); 97%% on "
+                        "360 test digits sits on every method's plateau, so a median needs many")
     p.add_argument("--epochs", type=int, default=None,
-                   help="convergence: epochs per task; None: " + ", ".join(f"{t} {e}" for t, e in EPOCHS.items()))
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (DDP-SGD; step time: all)")
-    p.add_argument("--adam-lr", type=float, default=1e-2, help="DDP-Adam learning rate (convergence)")
-    p.add_argument("--kfac-lr", type=float, default=0.1, help="dkfac and dpkfac learning rate (convergence)")
+                   help="convergence: epochs per task; None: "
+                        + ", ".join(f"{t} {task.epochs}" for t, task in TASKS.items()))
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="convergence: stop every run after this many steps (a smoke run); None: all epochs")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"SGD learning rate of the step-time trials (default {STEP_LR}) and of DDP-SGD; None: each "
+                        "task's own (" +
+                        ", ".join(f"{t} {task.lrs['sgd']:g}" for t, task in TASKS.items()) + ")")
+    p.add_argument("--adam-lr", type=float, default=None,
+                   help="learning rate of DDP-Adam and DDP-AdamW (convergence); None: each task's own (" +
+                        ", ".join(f"{t} {task.lrs[task.baselines[-1]]:g}" for t, task in TASKS.items()) + ")")
+    p.add_argument("--kfac-lr", type=float, default=None,
+                   help="learning rate of dkfac and dpkfac (convergence; the optimizer is each task's own, "
+                        "SGD with momentum or AdamW); None: each task's own (" +
+                        ", ".join(f"{t} {task.lrs['kfac']:g}" for t, task in TASKS.items()) + ")")
     p.add_argument("--eval-every", type=int, default=5, help="convergence: evaluate every this many steps (and at "
                    "the end of every epoch)")
     p.add_argument("--eval-split", choices=["test", "val"], default="test",
@@ -566,7 +673,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         p.error(f"--world-size={args.world_size} needs one GPU per rank; found {torch.cuda.device_count()}.")
-    for name in ("eval_every", "warmup_cycles", "cycles", "batch_size", "reps"):
+    for name in ("eval_every", "warmup_cycles", "cycles", "batch_size", "reps", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')}={value} is invalid: it must be >= 1.")
@@ -580,13 +687,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.models is None:
         args.models = ["mlp"] if args.quick else list(STEP_MODELS)
     if args.quick:
-        args.warmup_cycles, args.cycles, args.reps, args.seeds = 1, 1, 1, args.seeds[:1]
+        args.warmup_cycles, args.cycles, args.reps, args.seeds = 1, 1, 1, (args.seeds or [0])[:1]
         args.epochs = args.epochs or 3
     return args
-
-
-EPOCHS = {"digits": 20, "mnist1d": 30}
-TARGETS = {"digits": 0.97, "mnist1d": 0.90}
 
 
 def block_dim_arg(text: str) -> int | str:
@@ -625,6 +728,23 @@ def _value(text: str) -> Any:
     return text
 
 
+def task_seeds(task: str, seeds: list[int] | None) -> Sequence[int]:
+    """``--seeds``, or seeds 0, 1, ... as many as the task's own."""
+    return seeds if seeds is not None else range(TASKS[task].seeds)
+
+
+def train_lrs(task: Task, args: argparse.Namespace) -> dict[str, float]:
+    """Each strategy's learning rate on ``task``: the task's own unless ``--lr`` (DDP-SGD), ``--adam-lr``
+    (DDP-Adam, DDP-AdamW) or ``--kfac-lr`` (dkfac, dpkfac) sets it."""
+    given = {"sgd": args.lr, "adam": args.adam_lr, "adamw": args.adam_lr, "dkfac": args.kfac_lr, "dpkfac": args.kfac_lr}
+    return {s: task.lr(s) if given[s] is None else given[s] for s in task.strategies}
+
+
+def held_out_split(task: str, eval_split: str) -> str:
+    """The split a task reports: ``--eval-split``, but "val" for the character LM, which has no test text."""
+    return eval_split if eval_split in TASKS[task].splits else "val"
+
+
 def kfac_config(args: argparse.Namespace) -> KFACConfig:
     """The K-FAC settings of every trial: the library defaults with ``--kfac`` applied."""
     return KFACConfig().replace(**args.kfac_overrides)
@@ -655,24 +775,25 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     def batch_size(model: str) -> int:
         return args.batch_size or STEP_MODELS[model].batch_size
 
+    step_lr = STEP_LR if args.lr is None else args.lr
     timing = trials([StepTrial(m, STEP_STRATEGIES, batch_size(m), args.warmup_cycles * cycle, args.cycles * cycle,
-                               rep, args.lr, kfac)
+                               rep, step_lr, kfac)
                      for m in args.models for rep in range(args.reps or STEP_MODELS[m].reps)],
                     step_worker, lambda t: f"step time: {t.model}, repetition {t.seed}")
     # Peak memory needs a process per strategy; one cycle and one step hold every decomposition and the
     # factor updates around them.
-    memory = trials([StepTrial(m, (s,), batch_size(m), 0, cycle + 1, 0, args.lr, kfac)
+    memory = trials([StepTrial(m, (s,), batch_size(m), 0, cycle + 1, 0, step_lr, kfac)
                      for m in args.models for s in STEP_STRATEGIES],
                     step_worker, lambda t: f"peak memory: {t.model}, {t.strategies[0]}")
     # K-FAC state with layers split by max_factor_dim=--block-dim: how far blocks balance memory.
-    blocks = trials([StepTrial(m, (s,), batch_size(m), 0, cycle + 1, 0, args.lr, kfac_blocks)
+    blocks = trials([StepTrial(m, (s,), batch_size(m), 0, cycle + 1, 0, step_lr, kfac_blocks)
                      for m in args.models for s in ("dkfac", "dpkfac")] if kfac_blocks is not None else [],
                     step_worker, lambda t: f"K-FAC state with max_factor_dim={t.kfac.max_factor_dim}: "
                                            f"{t.model}, {t.strategies[0]}")
-    training = trials([TrainTrial(t, TRAIN_STRATEGIES, seed, args.epochs or EPOCHS[t],
-                                  args.batch_size or TASK_BATCH_SIZE, args.lr, args.adam_lr, args.kfac_lr, kfac,
-                                  args.eval_every, args.eval_split)
-                       for t in args.tasks for seed in args.seeds],
+    training = trials([TrainTrial(t, seed, args.epochs or TASKS[t].epochs, args.batch_size or TASK_BATCH_SIZE,
+                                  train_lrs(TASKS[t], args), kfac, args.eval_every, held_out_split(t, args.eval_split),
+                                  args.max_steps)
+                       for t in args.tasks for seed in task_seeds(t, args.seeds)],
                       train_worker, lambda t: f"convergence: {t.task}, seed {t.seed}")
     results: dict[str, Any] = {
         "schema": SCHEMA,
@@ -693,7 +814,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             "cycle_steps": cycle,
         },
         "step_time": summarize_step_trials(timing, memory, args.world_size, blocks),
-        "convergence": summarize_train_trials(training, TARGETS),
+        "convergence": summarize_train_trials(training, tuning=args.eval_split == "val"),
     }
     results["paper_ratios"] = {name: r for name, model in results["step_time"].items()
                                if (r := paper_ratios(model)) is not None}

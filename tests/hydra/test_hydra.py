@@ -105,6 +105,7 @@ def test_the_charlm_experiment_resolves_to_a_language_model_of_its_data(
     assert instantiate(cfg.data).vocab_size == resolved["model"]["vocab_size"]
     assert resolved["module"]["_target_"] == "lightning_dpkfac.tools.models.LanguageModelModule"
     assert resolved["optimized_metric"] == "val_loss"
+    assert resolved["optimizer"]["_target_"] == "torch.optim.AdamW" and resolved["optimizer"]["lr"] == 3e-3
 
 
 def test_strategy_options_build_dpkfac_dkfac_and_plain_ddp(

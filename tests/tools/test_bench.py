@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lightning_dpkfac.core.config import KFACConfig
-from lightning_dpkfac.tools.bench import PER_STRATEGY, _median_spread, main, parse_args
+from lightning_dpkfac.tools.bench import (PER_STRATEGY, TASKS, _first_reaching, _median_spread, main, parse_args,
+                                          train_lrs)
 from lightning_dpkfac.distributed.assignment import LayerShape, layer_cost
 from lightning_dpkfac.distributed.comm import KINDS
 
@@ -29,8 +30,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_writes_results_json_markdown_and_plots(tiny_run) -> None:
     out, results = tiny_run
-    assert results["schema"] == "lightning_dpkfac.tools.bench/2"
-    for name in ("results.md", "step_time.png", "bytes.png", "accuracy.png"):
+    assert results["schema"] == "lightning_dpkfac.tools.bench/3"
+    for name in ("results.md", "step_time.png", "bytes.png", "convergence.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
     assert "## Step time: mlp" in md and "## Convergence: digits" in md and "## Performance goals" in md
@@ -147,6 +148,60 @@ def test_convergence_curves_and_summary_for_all_four_strategies(tiny_run) -> Non
     assert [round(epoch, 6) for epoch, _, _ in curve] == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
     assert all(train_s > 0 and 0 <= acc <= 1 for _, train_s, acc in curve)
     assert digits["split"] == "test" and digits["eval_every"] == 5
+    assert digits["metric"] == "accuracy" and not digits["lower_is_better"] and digits["kfac_optimizer"] == "sgd"
+
+
+@pytest.fixture(scope="module")
+def tiny_language_model_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench_lm")
+    main(["--out", str(out), "--models", "--tasks", "charlm", "--seeds", "0", "--batch-size", "8", "--max-steps", "4",
+          "--eval-every", "2"])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_the_language_model_task_trains_ddp_sgd_ddp_adamw_and_kfac_under_adamw(tiny_language_model_run) -> None:
+    out, results = tiny_language_model_run
+    lm = results["convergence"]["charlm"]
+    assert set(lm["runs"]) == {"sgd", "adamw", "dkfac", "dpkfac"} and lm["kfac_optimizer"] == "adamw"
+    assert lm["lrs"] == {"sgd": 0.1, "adamw": 3e-3, "dkfac": 3e-3, "dpkfac": 3e-3}
+    assert "## Convergence: charlm, target 2.1 bpc (val bits per character)" in (out / "results.md").read_text()
+
+
+def test_the_language_model_reports_validation_bits_per_character_lower_is_better(tiny_language_model_run) -> None:
+    """4 steps of 8 windows per rank (709 steps per epoch on 2 ranks), evaluated every 2: bits per character
+    start near log2(98) = 6.6 for an untrained model, and its validation text is the split (no test text)."""
+    _, results = tiny_language_model_run
+    lm = results["convergence"]["charlm"]
+    assert lm["metric"] == "bpc" and lm["lower_is_better"] and lm["split"] == "val" and lm["target"] == 2.1
+    for strategy, runs in lm["runs"].items():
+        curve = runs[0]["curve"]
+        assert [round(epoch * 709) for epoch, _, _ in curve] == [2, 4], strategy
+        assert all(2.1 < bpc < 8 for _, _, bpc in curve) and runs[0]["time_to_target_s"] is None, strategy
+        assert runs[0]["mean_step_s"] == pytest.approx(curve[-1][1] / 4), strategy
+
+
+def test_the_language_model_goals_are_time_to_target_against_the_best_baseline_and_step_cost_against_adamw(
+        tiny_language_model_run) -> None:
+    _, results = tiny_language_model_run
+    goals = {g["goal"]: g for g in results["goals"]}
+    step = goals["charlm: dpkfac mean step / DDP-AdamW mean step <= 2"]
+    summary = results["convergence"]["charlm"]["summary"]
+    assert step["value"] == pytest.approx(summary["dpkfac"]["mean_step_s"]["median"]
+                                          / summary["adamw"]["mean_step_s"]["median"])
+    assert not goals["charlm: dpkfac median time to 2.1 bpc / best of DDP-SGD, DDP-AdamW <= 0.7"]["met"]
+
+
+def test_a_target_is_reached_from_below_for_accuracy_and_from_above_for_bits_per_character() -> None:
+    curve = [[0.5, 1.0, 3.0], [1.0, 2.0, 2.0], [1.5, 3.0, 1.0]]
+    assert _first_reaching(curve, 2.0, lower_is_better=True) == [1.0, 2.0, 2.0]
+    assert _first_reaching(curve, 2.5, lower_is_better=False) == [0.5, 1.0, 3.0]
+    assert _first_reaching(curve, 0.5, lower_is_better=True) is None
+
+
+def test_each_task_trains_with_its_own_learning_rates_unless_the_command_line_sets_them() -> None:
+    assert train_lrs(TASKS["digits"], parse_args([])) == {"sgd": 0.1, "adam": 1e-2, "dkfac": 0.1, "dpkfac": 0.1}
+    assert train_lrs(TASKS["charlm"], parse_args(["--adam-lr", "1e-3", "--kfac-lr", "2e-3"])) == {
+        "sgd": 0.1, "adamw": 1e-3, "dkfac": 2e-3, "dpkfac": 2e-3}
 
 
 def test_goals_are_listed_with_their_measured_value(tiny_run) -> None:
@@ -212,5 +267,6 @@ def test_a_bad_kfac_override_fails_before_any_trial_naming_the_option_and_the_ke
 def test_quick_mode_shrinks_the_run() -> None:
     args = parse_args(["--quick"])
     assert (args.warmup_cycles, args.cycles, args.reps, args.seeds, args.epochs) == (1, 1, 1, [0], 3)
+    assert parse_args([]).seeds is None  # each task's own number of seeds
     assert args.models == ["mlp"] and args.kfac_overrides == {"inv_update_steps": 2}
     assert parse_args(["--quick", "--kfac", "inv_update_steps=4"]).kfac_overrides == {"inv_update_steps": 4}
