@@ -636,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-dim", type=block_dim_arg, default="auto",
                    help="also measure dkfac's and dpkfac's K-FAC state with max_factor_dim=BLOCK_DIM ('auto': split "
                         "only the layers above the ranks' fair share; 0: not; skipped under --kfac max_factor_dim=...)")
-    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS), help="convergence: the tasks")
+    p.add_argument("--tasks", nargs="*", default=None, choices=list(TASKS),
+                   help="convergence: the tasks; None: all (--quick: digits)")
     p.add_argument("--seeds", nargs="*", type=int, default=None,
                    help="convergence: one run per seed (its weights and data order); None: seeds 0, 1, ... as many as "
                         "the task's own (" + ", ".join(f"{t} {task.seeds}" for t, task in TASKS.items()) + "); 97%% on "
@@ -663,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convergence: the split whose accuracy is reported (val: for choosing hyper-parameters)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run for CI: one warm-up and one timed cycle, one repetition, one seed, 3 epochs, "
-                        "mlp unless --models is given, --kfac inv_update_steps=2 unless given")
+                        "mlp unless --models is given, digits unless --tasks is given, --kfac inv_update_steps=2 unless "
+                        "given")
     return p
 
 
@@ -686,6 +688,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"argument --kfac: {error}")
     if args.models is None:
         args.models = ["mlp"] if args.quick else list(STEP_MODELS)
+    if args.tasks is None:
+        args.tasks = ["digits"] if args.quick else list(TASKS)
     if args.quick:
         args.warmup_cycles, args.cycles, args.reps, args.seeds = 1, 1, 1, (args.seeds or [0])[:1]
         args.epochs = args.epochs or 3

@@ -268,5 +268,6 @@ def test_quick_mode_shrinks_the_run() -> None:
     args = parse_args(["--quick"])
     assert (args.warmup_cycles, args.cycles, args.reps, args.seeds, args.epochs) == (1, 1, 1, [0], 3)
     assert parse_args([]).seeds is None  # each task's own number of seeds
-    assert args.models == ["mlp"] and args.kfac_overrides == {"inv_update_steps": 2}
+    assert args.models == ["mlp"] and args.tasks == ["digits"] and args.kfac_overrides == {"inv_update_steps": 2}
+    assert parse_args([]).tasks == ["digits", "mnist1d", "charlm"]
     assert parse_args(["--quick", "--kfac", "inv_update_steps=4"]).kfac_overrides == {"inv_update_steps": 4}
