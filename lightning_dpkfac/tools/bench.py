@@ -25,7 +25,8 @@ for each of its seeds (``--seeds``), the held-out metric every ``--eval-every`` 
 epoch; training time is the sum of the strategy's own step times (evaluation and data loading excluded):
 
 - digits (CNN) to 97% and MNIST-1D (1-D CNN) to 90% test accuracy (``--eval-split val`` for choosing
-  hyper-parameters): DDP-SGD, DDP-Adam, and K-FAC under SGD with momentum;
+  hyper-parameters): DDP-SGD, DDP-Adam, and K-FAC under the faster baseline's optimizer (digits: Adam;
+  MNIST-1D: SGD with momentum);
 - ``charlm``, the character Transformer LM on standard-library source (``CharLMDataModule``) to 2.1 bits per
   character on its validation text (it has no test text): DDP-SGD, DDP-AdamW, and K-FAC under AdamW.
 
@@ -199,18 +200,25 @@ class Task:
     def lower_is_better(self) -> bool:
         return self.metric == "bpc"
 
-    def optimizer(self, strategy: str) -> str:
-        """The optimizer of ``strategy`` (a baseline or dkfac/dpkfac)."""
-        return strategy if strategy in self.baselines else self.kfac_optimizer
+    def optimizers(self, kfac_optimizer: str | None = None) -> dict[str, str]:
+        """Each strategy's optimizer: a baseline's own, and ``kfac_optimizer`` (default: the task's) under
+        dkfac and dpkfac."""
+        return {s: s if s in self.baselines else kfac_optimizer or self.kfac_optimizer for s in self.strategies}
 
-    def lr(self, strategy: str) -> float:
-        return self.lrs[strategy if strategy in self.baselines else "kfac"]
+    def kfac_lr(self, kfac_optimizer: str | None = None) -> float | None:
+        """The learning rate under K-FAC with ``kfac_optimizer``: the task's K-FAC lr for its own optimizer,
+        the baseline's lr for another the task has as a baseline, else ``None`` (``--kfac-lr`` must say)."""
+        if kfac_optimizer in (None, self.kfac_optimizer):
+            return self.lrs["kfac"]
+        return self.lrs.get(kfac_optimizer)
 
 
 TASKS: dict[str, Task] = {
+    # K-FAC steps with the optimizer of the task's faster baseline, at its lr (docs/benchmarks.md): a user
+    # changes the strategy, not the optimizer.
     "digits": Task(lambda batch_size, seed: DigitsDataModule(batch_size=batch_size), models.cnn, "accuracy", 0.97,
-                   epochs=20, seeds=10, baselines=("sgd", "adam"), kfac_optimizer="sgd",
-                   lrs={"sgd": 0.1, "adam": 1e-2, "kfac": 0.1}),
+                   epochs=20, seeds=10, baselines=("sgd", "adam"), kfac_optimizer="adam",
+                   lrs={"sgd": 0.1, "adam": 1e-2, "kfac": 1e-2}),
     "mnist1d": Task(lambda batch_size, seed: MNIST1DDataModule(batch_size=batch_size), models.cnn1d, "accuracy",
                     0.90, epochs=30, seeds=10, baselines=("sgd", "adam"), kfac_optimizer="sgd",
                     lrs={"sgd": 0.1, "adam": 1e-2, "kfac": 0.1}),
@@ -270,7 +278,8 @@ class StepTrial:
 @dataclass(frozen=True)
 class TrainTrial:
     """Training of the strategies of task ``task`` (``Task.strategies``) side by side, step by step, from the
-    same initial weights and data order, each with its learning rate in ``lrs``; the task's metric on
+    same initial weights and data order, each with its optimizer and learning rate in ``optimizers`` and ``lrs``;
+    the task's metric on
     ``split`` ("test" or "val") every ``eval_every`` steps, at the end of every epoch and after the last step
     (``max_steps`` at most, when given)."""
 
@@ -279,6 +288,7 @@ class TrainTrial:
     epochs: int
     batch_size: int
     lrs: dict[str, float]
+    optimizers: dict[str, str]
     kfac: KFACConfig
     eval_every: int
     split: str
@@ -420,7 +430,7 @@ def train_worker(rank: int, world_size: int, trial: TrainTrial) -> dict[str, Any
     data.setup()
     loader = _train_loader(data, trial.batch_size, world_size, rank, trial.seed)
     held_out = [(x.to(device), y.to(device)) for x, y in _eval_batches(data, trial.split)]
-    contenders = [Contender(s, task.optimizer(s), task.make_net, trial.kfac, trial.lrs[s], trial.seed, device)
+    contenders = [Contender(s, trial.optimizers[s], task.make_net, trial.kfac, trial.lrs[s], trial.seed, device)
                   for s in task.strategies]
     train_s = dict.fromkeys(task.strategies, 0.0)
     curves: dict[str, list[list[float]]] = {s: [] for s in task.strategies}
@@ -585,7 +595,7 @@ def summarize_train_trials(trials: Sequence[tuple[TrainTrial, list[dict[str, Any
         section = out.setdefault(trial.task, {
             "metric": task.metric, "lower_is_better": task.lower_is_better, "target": task.target,
             "split": trial.split, "tuning": tuning, "eval_every": trial.eval_every, "batch_size": trial.batch_size,
-            "baselines": list(task.baselines), "kfac_optimizer": task.kfac_optimizer, "lrs": trial.lrs,
+            "baselines": list(task.baselines), "kfac_optimizer": trial.optimizers["dpkfac"], "lrs": trial.lrs,
             "runs": {}, "summary": {}})
         for strategy, curve in ranks[0]["curves"].items():
             hit = _first_reaching(curve, task.target, task.lower_is_better)
@@ -658,6 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of dkfac and dpkfac (convergence; the optimizer is each task's own, "
                         "SGD with momentum or AdamW); None: each task's own (" +
                         ", ".join(f"{t} {task.lrs['kfac']:g}" for t, task in TASKS.items()) + ")")
+    p.add_argument("--kfac-optimizer", choices=["sgd", "adam", "adamw"], default=None,
+                   help="the optimizer under dkfac and dpkfac (convergence); None: each task's own (" +
+                        ", ".join(f"{t} {task.kfac_optimizer}" for t, task in TASKS.items()) + "); its lr: "
+                        "--kfac-lr, else the task's for that optimizer")
     p.add_argument("--eval-every", type=int, default=5, help="convergence: evaluate every this many steps (and at "
                    "the end of every epoch)")
     p.add_argument("--eval-split", choices=["test", "val"], default="test",
@@ -690,6 +704,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.models = ["mlp"] if args.quick else list(STEP_MODELS)
     if args.tasks is None:
         args.tasks = ["digits"] if args.quick else list(TASKS)
+    if args.kfac_lr is None:
+        for t in args.tasks:
+            if TASKS[t].kfac_lr(args.kfac_optimizer) is None:
+                p.error(f"--kfac-optimizer={args.kfac_optimizer}: task {t} has no learning rate for it; give --kfac-lr.")
     if args.quick:
         args.warmup_cycles, args.cycles, args.reps, args.seeds = 1, 1, 1, (args.seeds or [0])[:1]
         args.epochs = args.epochs or 3
@@ -740,8 +758,9 @@ def task_seeds(task: str, seeds: list[int] | None) -> Sequence[int]:
 def train_lrs(task: Task, args: argparse.Namespace) -> dict[str, float]:
     """Each strategy's learning rate on ``task``: the task's own unless ``--lr`` (DDP-SGD), ``--adam-lr``
     (DDP-Adam, DDP-AdamW) or ``--kfac-lr`` (dkfac, dpkfac) sets it."""
+    own = {**task.lrs, "dkfac": task.kfac_lr(args.kfac_optimizer), "dpkfac": task.kfac_lr(args.kfac_optimizer)}
     given = {"sgd": args.lr, "adam": args.adam_lr, "adamw": args.adam_lr, "dkfac": args.kfac_lr, "dpkfac": args.kfac_lr}
-    return {s: task.lr(s) if given[s] is None else given[s] for s in task.strategies}
+    return {s: own[s] if given[s] is None else given[s] for s in task.strategies}
 
 
 def held_out_split(task: str, eval_split: str) -> str:
@@ -795,7 +814,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                     step_worker, lambda t: f"K-FAC state with max_factor_dim={t.kfac.max_factor_dim}: "
                                            f"{t.model}, {t.strategies[0]}")
     training = trials([TrainTrial(t, seed, args.epochs or TASKS[t].epochs, args.batch_size or TASK_BATCH_SIZE,
-                                  train_lrs(TASKS[t], args), kfac, args.eval_every, held_out_split(t, args.eval_split),
+                                  train_lrs(TASKS[t], args), TASKS[t].optimizers(args.kfac_optimizer), kfac,
+                                  args.eval_every, held_out_split(t, args.eval_split),
                                   args.max_steps)
                        for t in args.tasks for seed in task_seeds(t, args.seeds)],
                       train_worker, lambda t: f"convergence: {t.task}, seed {t.seed}")

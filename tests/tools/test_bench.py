@@ -148,7 +148,7 @@ def test_convergence_curves_and_summary_for_all_four_strategies(tiny_run) -> Non
     assert [round(epoch, 6) for epoch, _, _ in curve] == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
     assert all(train_s > 0 and 0 <= acc <= 1 for _, train_s, acc in curve)
     assert digits["split"] == "test" and digits["eval_every"] == 5
-    assert digits["metric"] == "accuracy" and not digits["lower_is_better"] and digits["kfac_optimizer"] == "sgd"
+    assert digits["metric"] == "accuracy" and not digits["lower_is_better"] and digits["kfac_optimizer"] == "adam"
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +199,26 @@ def test_a_target_is_reached_from_below_for_accuracy_and_from_above_for_bits_per
 
 
 def test_each_task_trains_with_its_own_learning_rates_unless_the_command_line_sets_them() -> None:
-    assert train_lrs(TASKS["digits"], parse_args([])) == {"sgd": 0.1, "adam": 1e-2, "dkfac": 0.1, "dpkfac": 0.1}
+    assert train_lrs(TASKS["mnist1d"], parse_args([])) == {"sgd": 0.1, "adam": 1e-2, "dkfac": 0.1, "dpkfac": 0.1}
     assert train_lrs(TASKS["charlm"], parse_args(["--adam-lr", "1e-3", "--kfac-lr", "2e-3"])) == {
         "sgd": 0.1, "adamw": 1e-3, "dkfac": 2e-3, "dpkfac": 2e-3}
+
+
+def test_kfac_steps_with_the_faster_baselines_optimizer_unless_the_command_line_names_another() -> None:
+    assert {t: task.optimizers()["dpkfac"] for t, task in TASKS.items()} == {
+        "digits": "adam", "mnist1d": "sgd", "charlm": "adamw"}
+    args = parse_args(["--kfac-optimizer", "sgd"])  # the lr is then the task's DDP-SGD lr
+    assert TASKS["digits"].optimizers(args.kfac_optimizer) == {"sgd": "sgd", "adam": "adam", "dkfac": "sgd",
+                                                               "dpkfac": "sgd"}
+    assert train_lrs(TASKS["digits"], args)["dpkfac"] == 0.1
+
+
+def test_an_optimizer_under_kfac_without_a_learning_rate_for_the_task_is_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--tasks", "charlm", "--kfac-optimizer", "adam"])
+    assert "task charlm has no learning rate for it; give --kfac-lr" in capsys.readouterr().err
+    assert parse_args(["--tasks", "charlm", "--kfac-optimizer", "adam", "--kfac-lr", "1e-3"]).kfac_lr == 1e-3
 
 
 def test_goals_are_listed_with_their_measured_value(tiny_run) -> None:
