@@ -3,7 +3,7 @@
     python examples/train.py                              # digits CNN, dpkfac, 2 CPU ranks, 10 epochs
     python examples/train.py strategy=ddp model=mlp trainer.max_epochs=2
     python examples/train.py experiment=mnist1d_cnn
-    python examples/train.py experiment=charlm_transformer optimizer=adamw  # character LM, bits per character
+    python examples/train.py experiment=charlm_transformer  # character LM under AdamW, bits per character
     python examples/train.py -m strategy.damping=0.03,0.1,0.3 strategy.inv_update_steps=10,40
 
 Each job writes ``csv/metrics.csv`` (CSV logger) and ``summary.json`` into its Hydra output dir;
@@ -25,8 +25,8 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_dpkfac  # noqa: F401  (registers the strategies and the Hydra schemas: before any Trainer)

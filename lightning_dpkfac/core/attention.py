@@ -51,8 +51,8 @@ class Projection(nn.Module):
         return F.linear(x, self.weight[r0:r1], None if self.bias is None else self.bias[r0 + o:r1 + o])
 
 
-def unsupported_reason(name: str, attention: nn.MultiheadAttention) -> str | None:
-    """Why K-FAC leaves ``attention`` (named ``name``) to its plain gradient, or ``None`` if
+def unsupported_reason(attention: nn.MultiheadAttention) -> str | None:
+    """Why K-FAC leaves ``attention`` to its plain gradient, or ``None`` if
     :class:`AttentionForward` can run it."""
     if attention.bias_k is not None or attention.add_zero_attn:
         return "add_bias_kv and add_zero_attn are not covered"
@@ -162,7 +162,7 @@ def attention_forwards(model: nn.Module, skip: list[str]) -> tuple[dict[str, Att
     for name, module in model.named_modules():
         if not isinstance(module, nn.MultiheadAttention):
             continue
-        reason = unsupported_reason(name, module)
+        reason = unsupported_reason(module)
         if name in skip or type(module).__name__ in skip:
             plain[name] = "in skip_layers"
         elif reason is not None:

@@ -475,7 +475,7 @@ def discover_layers(model: nn.Module, skip: list[str], max_factor_dim: int | str
 
 def plain_parameters(model: nn.Module, layers: Sequence[KFACLayer], skipped: dict[str, str]) -> dict[str, str]:
     """Every trainable parameter of ``model`` that K-FAC does not precondition (``name -> reason``), so that
-    a user sees what keeps its plain gradient: embeddings, norm layers, RNNs, bare ``nn.Parameter`` s, and
+    a user sees what keeps its plain gradient: norm layers, RNNs, bare ``nn.Parameter`` s, and
     the layers in ``skipped`` (``discover_layers``). A parameter shared with a covered layer is covered."""
     covered = {id(p) for layer in layers for p in layer.params()}
     supported = ", ".join([t.__name__ for t in SUPPORTED] + ["MultiheadAttention"])

@@ -41,7 +41,7 @@ def layer_cost(shape: LayerShape, inv_update_steps: int = 1) -> float:
     layer shares, so it is folded into a d^2 term that breaks ties between equally priced layers.
     """
     d_a, d_g = shape.d_a, shape.d_g
-    a_side = d_a if shape.diagonal_a else d_a**2  # a diagonal A costs d_a to invert and to apply per row
+    a_side = shape.a_numbers  # a diagonal A costs d_a to invert and to apply per row
     decomposition = (d_a * a_side + d_g**3) / inv_update_steps
     precondition = d_g * (a_side + d_a * d_g)
     return decomposition + precondition + a_side + d_g**2

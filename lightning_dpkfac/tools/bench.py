@@ -434,8 +434,8 @@ def train_worker(rank: int, world_size: int, trial: TrainTrial) -> dict[str, Any
                   for s in task.strategies]
     train_s = dict.fromkeys(task.strategies, 0.0)
     curves: dict[str, list[list[float]]] = {s: [] for s in task.strategies}
-    steps = itertools.islice(_epochs(loader, trial.epochs), trial.max_steps)
-    for step, (i, x, y) in enumerate(steps, 1):
+    step = 0
+    for step, (i, x, y) in enumerate(itertools.islice(_epochs(loader, trial.epochs), trial.max_steps), 1):
         x, y = x.to(device), y.to(device)
         for c in _rotated(contenders, i):
             train_s[c.strategy] += c.step(x, y)["step"]
@@ -443,7 +443,7 @@ def train_worker(rank: int, world_size: int, trial: TrainTrial) -> dict[str, Any
             for c in contenders:
                 value = _evaluate(c.model, held_out, task.metric)
                 curves[c.strategy].append([step / len(loader), train_s[c.strategy], value])
-    return {"curves": curves, "steps_per_epoch": len(loader)}
+    return {"curves": curves, "steps": step}
 
 
 def _epochs(loader: DataLoader, epochs: int) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -599,14 +599,13 @@ def summarize_train_trials(trials: Sequence[tuple[TrainTrial, list[dict[str, Any
             "runs": {}, "summary": {}})
         for strategy, curve in ranks[0]["curves"].items():
             hit = _first_reaching(curve, task.target, task.lower_is_better)
-            steps = round(curve[-1][0] * ranks[0]["steps_per_epoch"])
             section["runs"].setdefault(strategy, []).append({
                 "seed": trial.seed,
                 "curve": curve,
                 "time_to_target_s": hit[1] if hit else None,
                 "epochs_to_target": hit[0] if hit else None,
                 "final": curve[-1][2],
-                "mean_step_s": curve[-1][1] / steps,
+                "mean_step_s": curve[-1][1] / ranks[0]["steps"],
             })
     for section in out.values():
         for strategy, runs in section["runs"].items():
