@@ -192,14 +192,18 @@ class ReferenceKFAC:
     inv_update_steps: int
     method: str
     slots: dict[str, int] = field(default_factory=dict)  # layer -> its step in every decomposition interval
+    lag: int = 0  # 1: a decomposition after step 0 takes effect at the next step (overlap_decompositions)
     steps: int = 0
     A: dict[str, Tensor] = field(default_factory=dict)
     G: dict[str, Tensor] = field(default_factory=dict)
     frozen: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # factors at each layer's last decomposition
+    pending: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # decomposed, not yet in effect (lag)
     kl_scales: list[float] = field(default_factory=list)  # nu of every step
 
     def update(self, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
         """One step's factor schedule: fold the batch factors in, refresh ``frozen``; advances the step."""
+        self.frozen.update(self.pending)
+        self.pending = {}
         if self.steps % self.factor_update_steps == 0:
             d = self.factor_decay
             for name, (a, g) in factors.items():
@@ -207,7 +211,8 @@ class ReferenceKFAC:
                 self.G[name] = g if name not in self.G else d * self.G[name] + (1 - d) * g
         for n in self.A:  # every layer at step 0, then each in its own slot of every interval
             if self.steps == 0 or self.steps % self.inv_update_steps == self.slots.get(n, 0):
-                self.frozen[n] = (self.A[n].clone(), self.G[n].clone())
+                into = self.pending if self.lag and self.steps > 0 else self.frozen
+                into[n] = (self.A[n].clone(), self.G[n].clone())
         self.steps += 1
 
     def precondition_all(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -69,6 +69,11 @@ class KFACConfig:
             layers on one rank, and a split that depends on the world size (a checkpoint resumes where
             each new block lies inside a saved layer or block). The default bounds the cost of any one
             decomposition and of preconditioning a very wide layer. (default: 1024)
+        overlap_decompositions: run the decompositions of steps after the first on a worker thread (on
+            CUDA, on a side stream) while the next forward and backward pass run, and use them from the
+            next step on (:mod:`lightning_dpkfac.core.overlap`); dpkfac only. ``"auto"``: on CUDA; ``True``:
+            on any device (on CPU it takes a core that training does not use); ``False``: never.
+            (default: "auto")
         max_consecutive_faults: a layer whose factors, decomposition or preconditioned gradient is
             non-finite on this many optimizer steps in a row stops training with an error; on fewer, it
             just keeps its plain gradient (or last good decomposition) for that step; >= 1. (default: 5)
@@ -89,6 +94,7 @@ class KFACConfig:
     kfac_bucket_cap_mb: float = 25.0
     gather_rows: bool = True
     max_factor_dim: int | str | None = 1024
+    overlap_decompositions: bool | str = "auto"
     max_consecutive_faults: int = 5
 
     def __post_init__(self) -> None:
@@ -105,6 +111,12 @@ class KFACConfig:
         if not isinstance(self.gather_rows, bool):
             raise ValueError(f"gather_rows={self.gather_rows!r} is invalid: it must be True or False.")
         check_max_factor_dim(self.max_factor_dim)
+        overlap = self.overlap_decompositions
+        if not (isinstance(overlap, bool) or overlap == "auto"):
+            raise ValueError(f"overlap_decompositions={overlap!r} is invalid: it must be True, False or 'auto'.")
+        if overlap is True and self.mode != "dpkfac":
+            raise ValueError(f"overlap_decompositions=True needs mode='dpkfac': mode={self.mode!r} broadcasts every "
+                             "decomposition, which all ranks wait for. Fix: overlap_decompositions='auto' or False.")
         if isinstance(self.skip_layers, str) or not all(isinstance(s, str) for s in self.skip_layers):
             raise ValueError(f"skip_layers={self.skip_layers!r} is invalid: it must be a list of strings.")
         self.skip_layers = list(self.skip_layers)

@@ -35,6 +35,7 @@ from lightning_dpkfac.core.config import KFACConfig
 from lightning_dpkfac.core.decomposition import decomposition_for
 from lightning_dpkfac.core.faults import FaultCounter, KFACNumericalError, decompose_with_retries
 from lightning_dpkfac.core.layers import KFACLayer, discover_layers, layers_of_params, plain_parameters, tied_names
+from lightning_dpkfac.core.overlap import DecompositionWorker, PendingDecompositions, Results, overlaps
 from lightning_dpkfac.core.payload import Flag
 from lightning_dpkfac.core.state import LayerState, LayerStateView
 from lightning_dpkfac.core.timing import DecompositionReport, PhaseTimer
@@ -109,6 +110,8 @@ class KFACPreconditioner:
         loads = rank_loads(self.costs, self.owners, self.world_size)
         self._layers_of = {r: [i for i, o in enumerate(self.owners) if o == r] for r in range(self.world_size)}
         self._broadcast_order = sorted((r for r in self._layers_of if self._layers_of[r]), key=lambda r: (loads[r], r))
+        self._worker: DecompositionWorker | None = None  # started at the first overlapped decomposition
+        self._pending: tuple[list[int], PendingDecompositions] | None = None  # due layers, their decompositions
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -130,6 +133,7 @@ class KFACPreconditioner:
         self._router.step_done()
         for state in self._states.values():
             state.fault = False
+        self._finish_decompositions()
         fold = self._update_factors(cfg.value("factor_decay", k)) if k % cfg.factor_update_steps == 0 else None
         due = [i for i, slot in enumerate(self.slots) if decomposes_at(k, slot, cfg.inv_update_steps)]
         if due:
@@ -176,9 +180,19 @@ class KFACPreconditioner:
 
     def _decompose(self, damping: float, due: list[int]) -> None:
         """Owners decompose the factors of layers ``due`` (dkfac: and broadcast them); a failure flags the
-        fault and keeps the last good decomposition."""
+        fault and keeps the last good decomposition. Overlapped (``core.overlap``), the owners' work runs on
+        the worker and is installed at the start of the next step."""
         owned = [i for i in due if self.owners[i] == self.rank and i in self._states
                  and self._states[i].A is not None and self._states[i].G is not None]
+        if self.steps > 0 and owned and overlaps(self.config.overlap_decompositions, self.config.mode,
+                                                 self.layers[owned[0]].weight.device):
+            if self._worker is None:
+                self._worker = DecompositionWorker(self.layers[owned[0]].weight.device)
+            factors = {i: (self._states[i].A, self._states[i].G, self._states[i].dtype) for i in owned}
+            method = self.method
+            self._pending = (due, self._worker.submit(
+                lambda: {i: decompose_with_retries(method, A, G, dtype, damping) for i, (A, G, dtype) in factors.items()}))
+            return
         with self.timer("inverse"):
             if self._report.pending and owned:
                 largest = max(owned, key=lambda i: max(self.layers[i].d_a, self.layers[i].d_g))
@@ -191,12 +205,26 @@ class KFACPreconditioner:
                 seconds[self.layers[i].name] = (_sizes(self.layers[i]), time.perf_counter() - start)
             if self._report.pending and owned:
                 self._report.report(self.steps, seconds)
+        self._install(due, results)
+
+    def _install(self, due: list[int], results: Results) -> None:
+        """Keep the new decompositions of layers ``due`` (dkfac: after their broadcast); flag the failed ones."""
         for i, result in self.distribution.share_decompositions(due, results, self.method, self._dtypes).items():
             state = self._states[i]
             if result is None:
                 state.fault = True
             else:
                 state.decomposition = self.method.keep(result)
+
+    def _finish_decompositions(self) -> None:
+        """Install the overlapped decompositions, once the worker has them (local: dpkfac only overlaps)."""
+        if self._pending is None:
+            return
+        due, pending = self._pending
+        self._pending = None
+        with self.timer("inverse"):  # the time this rank waits for the worker
+            results = pending.wait()
+        self._install(due, results)
 
     def _precondition_and_share(self, damping: float, kl_clip: float | None,
                                 while_sending: Callable[[], None] | None) -> tuple[list[Flag], bool]:
@@ -290,6 +318,10 @@ class KFACPreconditioner:
     def remove_hooks(self) -> None:
         """Detach from the model; the preconditioner stops capturing, and attention modules run their own
         forward again."""
+        self._finish_decompositions()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         self._rows.remove()
         self._capture.remove()
         for forward in self._attention.values():
@@ -298,6 +330,7 @@ class KFACPreconditioner:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The state of the layers this rank *owns*, with the counters (``core.checkpoint``'s schema)."""
+        self._finish_decompositions()
         return {"format": checkpoint.FORMAT, "steps": self.steps, "world_size": self.world_size,
                 "kl_peak_lr": self.kl_peak_lr, "method": self.config.method, "rows": self._rows.state_dict(),
                 "faults": self.faults.state_dict(),
@@ -312,6 +345,7 @@ class KFACPreconditioner:
         """Restore from a full state (:meth:`gather_state_dict` of any world size): every rank keeps the
         layers it holds under *this* run's owner map; decompositions of another method or of a re-cut block
         are made anew. Raises ``ValueError`` naming any mismatch."""
+        self._finish_decompositions()  # the loaded state replaces what the worker computed
         state = checkpoint.migrate(state)
         saved, recut = checkpoint.match_layers(self.layers, state, self.world_size, self.config.max_factor_dim == "auto")
         self.steps = int(state["steps"])
@@ -373,6 +407,7 @@ class KFACPreconditioner:
 
     def factors(self, name: str) -> tuple[Tensor, Tensor] | None:
         """The running-average factors ``(A, G)`` this rank holds for layer ``name``, or ``None``."""
+        self._finish_decompositions()
         state = self._states.get(self._index(name))
         return None if state is None or state.A is None or state.G is None else (state.A, state.G)
 
@@ -381,7 +416,9 @@ class KFACPreconditioner:
         return self._index(name) in self._states
 
     def layer_state(self, name: str) -> LayerStateView | None:
-        """A copy of what this rank holds for layer ``name`` (``None`` if nothing)."""
+        """A copy of what this rank holds for layer ``name`` (``None`` if nothing), overlapped decompositions
+        installed."""
+        self._finish_decompositions()
         index = self._index(name)
         state = self._states.get(index)
         return None if state is None else LayerStateView.of(name, self.owners[index], state)

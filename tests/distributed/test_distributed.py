@@ -51,7 +51,7 @@ def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train_and_check(
     rank: int, world: int, mode: str, method: str, kl_clip: float | None, engine_grad_comm: bool = True,
-    make_model: Callable[[], nn.Module] = make_model, group: dist.ProcessGroup | None = None,
+    make_model: Callable[[], nn.Module] = make_model, group: dist.ProcessGroup | None = None, overlap: bool = False,
 ) -> dict:
     """Train STEPS steps on ``world`` ranks (``rank``, ``world``: of ``group``, default all ranks), checking
     every layer's preconditioned gradient against the dense reference and the parameters against the other
@@ -59,14 +59,16 @@ def _train_and_check(
     DDP's own all-reduce does."""
     model = make_model()
     ddp = DistributedDataParallel(model, process_group=group)
-    pre = KFACPreconditioner(model, mode=mode, method=method, kl_clip=kl_clip, process_group=group, **HP)
+    pre = KFACPreconditioner(model, mode=mode, method=method, kl_clip=kl_clip, process_group=group,
+                             overlap_decompositions=overlap, **HP)
     if engine_grad_comm:
         pre.register_ddp_comm_hook(ddp)
     names = [layer.name for layer in pre.layers]
     modules = dict(model.named_modules())
     owner = {n: pre.owner_of(n) for n in names}
     # dpkfac: one reference stream per rank (its local batches); dkfac: one stream of global batches.
-    streams = {r: ref.ReferenceKFAC(kl_clip=kl_clip, method=method, slots=pre.schedule(), **HP) for r in range(world)}
+    streams = {r: ref.ReferenceKFAC(kl_clip=kl_clip, method=method, slots=pre.schedule(), lag=int(overlap), **HP)
+               for r in range(world)}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(STEPS):
         batches = [local_batch(step, r) for r in range(world)]
@@ -116,6 +118,14 @@ def test_dpkfac_preconditions_each_layer_with_its_owners_local_factors(ranks, me
 @pytest.mark.parametrize("mode", ["dpkfac", "dkfac"])
 def test_a_deferred_convolution_factor_matches_the_reference(ranks, mode: str) -> None:
     results = ranks(_train_and_check, 2, mode, "inverse", 1e-3, True, make_deep_model)
+    assert set(results[0]["owners"].values()) == {0, 1}
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_overlapped_decompositions_take_effect_one_step_later_on_two_ranks(ranks, method: str) -> None:
+    """overlap_decompositions=True: each owner decomposes on its worker thread; the reference uses every
+    decomposition after step 0 from the step after it (lag 1), the deferred convolution factor included."""
+    results = ranks(_train_and_check, 2, "dpkfac", method, 1e-3, True, make_deep_model, None, True)
     assert set(results[0]["owners"].values()) == {0, 1}
 
 

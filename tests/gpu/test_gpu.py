@@ -18,11 +18,12 @@ from lightning_dpkfac import KFACPreconditioner
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _train(device: str, autocast: bool = False) -> list[torch.Tensor]:
+def _train(device: str, overlap: bool | str) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
                           nn.Linear(4 * 6 * 6, 5)).double().to(device)
-    pre = KFACPreconditioner(model, kl_clip=1e-3, lr=0.1, inv_update_steps=2)
+    pre = KFACPreconditioner(model, kl_clip=1e-3, lr=0.1, factor_update_steps=1, inv_update_steps=2,
+                             overlap_decompositions=overlap)
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
         model.zero_grad()
@@ -34,9 +35,28 @@ def _train(device: str, autocast: bool = False) -> list[torch.Tensor]:
     return [p.grad.cpu() for p in model.parameters()]
 
 
-def test_engine_on_cuda_matches_cpu() -> None:
-    for cpu, cuda in zip(_train("cpu"), _train("cuda")):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_on_cuda_matches_cpu(overlap: bool) -> None:
+    """Overlapped (the CUDA default, "auto": a side stream) or not, CUDA computes what the CPU does."""
+    for cpu, cuda in zip(_train("cpu", overlap), _train("cuda", "auto" if overlap else False)):
         torch.testing.assert_close(cuda, cpu, rtol=1e-8, atol=1e-10)
+
+
+def test_overlapped_decompositions_run_on_a_side_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_dpkfac.core import preconditioner as engine_module
+
+    streams: list[torch.cuda.Stream] = []
+    decompose = engine_module.decompose_with_retries
+
+    def recording(*args: object) -> object:
+        streams.append(torch.cuda.current_stream())
+        return decompose(*args)
+
+    monkeypatch.setattr(engine_module, "decompose_with_retries", recording)
+    _train("cuda", "auto")
+    main = torch.cuda.current_stream()
+    assert streams[0] == main, "step 0 decomposes on the main stream, at once"
+    assert len(streams) > 2 and all(s != main for s in streams[2:]), "later steps on the side stream"
 
 
 def test_fp16_autocast_with_grad_scaler_keeps_float32_factors() -> None:
