@@ -304,7 +304,7 @@ class KFACPreconditioner:
         loss scaler (:meth:`set_loss_scale`): DDP's all-reduce, counted as "gradients".
         """
         owner_reduce = self.distribution.install(ddp, self._router, self._capture.loss_scale_fn is not None)
-        if owner_reduce and self.config.gather_rows and self.world_size > 1:
+        if owner_reduce and self.config.gather_rows:
             self._rows.start()
 
     def set_loss_scale(self, scale_fn: Callable[[], float] | None) -> None:

@@ -73,11 +73,12 @@ def owner_reduce_hook(router, bucket):  # type: ignore[no-untyped-def]
     comm: Communicator = router.comm
     buffer = bucket.buffer()
     router.on_bucket(is_last=bucket.is_last())
+    for param, grad in zip(bucket.parameters(), bucket.gradients()):
+        router.rows.check(param, grad)  # before the division below: grads are views of the buffer
     if comm.world_size == 1:
         return _completed(buffer)
     by_owner: dict[int | None, list[Tensor]] = defaultdict(list)
     for param, grad in zip(bucket.parameters(), bucket.gradients()):
-        router.rows.check(param, grad)  # before the division below: grads are views of the buffer
         for owner, piece in router.destinations(param, grad):  # a layer split into blocks: several owners
             by_owner[owner].append(piece)
     buffer.div_(comm.world_size)  # all of it, the gradients left local too (they are averaged in step())

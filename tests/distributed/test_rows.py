@@ -102,6 +102,13 @@ def test_three_ranks_each_owning_a_layer_train_alike(ranks) -> None:
     assert res["row_layers"] == ["fc1", "fc2"]
 
 
+def test_one_rank_preconditions_wide_layers_from_their_rows_alike(ranks) -> None:
+    """No bytes to save on one rank, but fewer flops: (G^-1 g^T)(a A^-1) instead of G^-1 (g^T a) A^-1."""
+    res = _compare(ranks, "plain", world=1)
+    assert res["row_layers"] == ["fc1", "fc2"]
+    assert sum(res["bytes"].values()) == 0
+
+
 def test_gathering_rows_sends_fewer_gradient_bytes(ranks) -> None:
     rows, grads = ranks(_train, 2, "plain", True, "inverse"), ranks(_train, 2, "plain", False, "inverse")
     assert rows[0]["bytes"]["gradients"] < grads[0]["bytes"]["gradients"]
