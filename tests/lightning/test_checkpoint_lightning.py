@@ -34,6 +34,18 @@ def test_resume_with_gathered_rows_is_bit_identical(wide_rows_run) -> None:
     assert all(torch.equal(full["params"][k], resumed["params"][k]) for k in full["params"])
 
 
+def test_resume_with_overlapped_decompositions_is_bit_identical(tmp_path: Path) -> None:
+    """Epochs of 15 steps: the checkpoint after step 14 is taken while the decomposition of that step (slot 0
+    of 7) is still on the worker; the checkpoint holds it, and the resumed run uses it at step 15, as the
+    uninterrupted run does."""
+    overlapped = ("--devices", "2", "--epochs", "2", "--limit-batches", "15", "--overlap")
+    full = fit_digits(tmp_path, "full", *overlapped)
+    resumed = fit_digits(tmp_path, "resumed", *overlapped, "--resume", str(tmp_path / "full" / "epoch=0-step=15.ckpt"))
+    assert resumed["steps"] == full["steps"] == 30
+    assert all(torch.equal(full["params"][k], resumed["params"][k]) for k in full["params"])
+    assert all(resumed["losses"][s] == full["losses"][s] for s in resumed["losses"])
+
+
 def test_dkfac_resume_on_the_same_world_size_is_bit_identical(tmp_path: Path) -> None:
     """dkfac: every rank holds every factor and decomposition, the checkpoint only the owners' copies. Resumed
     at step 20, between the decompositions of steps 14 and 21, the run goes on with the saved ones."""

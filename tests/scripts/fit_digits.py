@@ -198,6 +198,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["dpkfac", "dkfac"], default="dpkfac")
     p.add_argument("--ddp-comm-hook", action="store_true")
     p.add_argument("--damping", type=float, default=1e-2)
+    p.add_argument("--overlap", action="store_true", help="overlap_decompositions=True (off on CPU by default)")
     p.add_argument("--no-kl-clip", action="store_true")
     p.add_argument("--damping-on-rank-1", type=float, default=None)
     p.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (default: all)")
@@ -221,7 +222,8 @@ def main() -> None:
             method="eigen", damping=damping, kl_clip=None if args.no_kl_clip else 1e-3, factor_update_steps=1,
             inv_update_steps=7,
             gather_rows=bool(args.gather_rows), max_factor_dim=args.max_factor_dim,
-            max_consecutive_faults=args.max_consecutive_faults, mode=args.mode, timeout=timeout, **hook,
+            max_consecutive_faults=args.max_consecutive_faults, mode=args.mode,
+            overlap_decompositions=True if args.overlap else "auto", timeout=timeout, **hook,
         )
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
