@@ -22,6 +22,7 @@ from torch import Tensor
 #: Per layer index, its new decomposition's tensors, or ``None`` where it failed.
 Results = dict[int, tuple[Tensor, ...] | None]
 
+
 def overlaps(setting: bool | str, mode: str, device: torch.device) -> bool:
     """Whether decompositions run on the worker (``KFACConfig.overlap_decompositions``): in dpkfac, on CUDA
     under ``"auto"`` and on any device under ``True``."""

@@ -188,10 +188,13 @@ class KFACPreconditioner:
                                                  self.layers[owned[0]].weight.device):
             if self._worker is None:
                 self._worker = DecompositionWorker(self.layers[owned[0]].weight.device)
-            factors = {i: (self._states[i].A, self._states[i].G, self._states[i].dtype) for i in owned}
             method = self.method
-            self._pending = (due, self._worker.submit(
-                lambda: {i: decompose_with_retries(method, A, G, dtype, damping) for i, (A, G, dtype) in factors.items()}))
+            factors = {i: (self._states[i].A, self._states[i].G, self._states[i].dtype) for i in owned}
+
+            def work() -> Results:
+                return {i: decompose_with_retries(method, A, G, dtype, damping) for i, (A, G, dtype) in factors.items()}
+
+            self._pending = (due, self._worker.submit(work))
             return
         with self.timer("inverse"):
             if self._report.pending and owned:

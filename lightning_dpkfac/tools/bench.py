@@ -318,9 +318,11 @@ class Contender:
         self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.pre: KFACPreconditioner | None = None
         if strategy in ("dkfac", "dpkfac"):
-            # overlap_decompositions=True is dpkfac's alone: dkfac keeps its own default there
-            overlap = "auto" if strategy == "dkfac" and kfac.overlap_decompositions is True else kfac.overlap_decompositions
-            self.pre = KFACPreconditioner(self.model, kfac.replace(mode=strategy, lr=lr, overlap_decompositions=overlap))
+            overlap = kfac.overlap_decompositions
+            if strategy == "dkfac" and overlap is True:  # dpkfac's alone: dkfac keeps its default
+                overlap = "auto"
+            config = kfac.replace(mode=strategy, lr=lr, overlap_decompositions=overlap)
+            self.pre = KFACPreconditioner(self.model, config)
             self.pre.register_ddp_comm_hook(self.ddp)
             self.comm = self.pre.comm
         else:
