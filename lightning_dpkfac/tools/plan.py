@@ -149,14 +149,25 @@ def predict_bytes(
             send(dist.decomposition_messages(s, decomposition), decompositions)
             send(dist.result_messages(s), steps)
     candidates = [s for s in shapes.shapes if s.rows_per_example > 0]
-    if mode == "dpkfac" and gather_rows and world_size > 1 and candidates and steps > 0:
+    if mode == "dpkfac" and gather_rows and candidates and steps > 0:
         send(vote_messages(len(candidates)), 1)
-        for s in candidates if batch_size else []:
-            rows = batch_size * s.rows_per_example
-            if rows_pay_off(world_size, rows, s.d_a, s.d_g):  # from the second step on: rows, not the gradient
-                send(gathered_messages(s, rows), steps - 1)
+        gathered = set(row_layers(shapes, world_size, mode, batch_size=batch_size, gather_rows=gather_rows))
+        for name, s in shapes.layers:
+            if name in gathered:  # from the second step on: rows, not the gradient
+                send(gathered_messages(s, batch_size * s.rows_per_example), steps - 1)
                 send(hook_messages(s.d_g * s.d_a, dist.reduces_to_owners), -(steps - 1))
     return out
+
+
+def row_layers(shapes: ModelShapes, world_size: int, mode: str, *, batch_size: int | None = None,
+               gather_rows: bool = _DEFAULTS.gather_rows) -> list[str]:
+    """The Linear layers (blocks) whose owner gathers their rows instead of their gradient from the second
+    step on, at ``batch_size`` examples per rank (``KFACPreconditioner.row_layers``; none without a batch
+    size): dpkfac's where :func:`~lightning_dpkfac.distributed.rows.rows_pay_off`, on any number of ranks."""
+    if mode != "dpkfac" or not gather_rows or not batch_size:
+        return []
+    return [name for name, s in shapes.layers
+            if s.rows_per_example > 0 and rows_pay_off(world_size, batch_size * s.rows_per_example, s.d_a, s.d_g)]
 
 
 def bytes_per_step(shapes: ModelShapes, world_size: int, mode: str, *,
