@@ -131,8 +131,6 @@ class KFACPreconditioner:
         if lr is not None:
             self.kl_peak_lr = max(self.kl_peak_lr, float(lr))
         self._router.step_done()
-        for state in self._states.values():
-            state.fault = False
         self._finish_decompositions()
         fold = self._update_factors(cfg.value("factor_decay", k)) if k % cfg.factor_update_steps == 0 else None
         due = [i for i, slot in enumerate(self.slots) if decomposes_at(k, slot, cfg.inv_update_steps)]
@@ -145,7 +143,11 @@ class KFACPreconditioner:
         flags, others_finite = self._precondition_and_share(
             damping, kl_clip, while_sending=None if fold is None else lambda: fold(None))
         self._rows.end_step()
-        if self.faults.record(k, flags, others_finite):
+        skip = self.faults.record(k, flags, others_finite)
+        # Counted. A fault flagged from now on (a decomposition installed or loaded between steps) counts next step.
+        for state in self._states.values():
+            state.fault = False
+        if skip:
             for param in self.model.parameters():  # torch optimizers skip a parameter without a gradient
                 param.grad = None
         self.faults.raise_if_failing(k, damping)

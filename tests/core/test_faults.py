@@ -89,6 +89,29 @@ def test_failed_decomposition_keeps_the_last_good_one_then_raises(monkeypatch: p
         train(layer, pre, steps=1)
 
 
+def test_a_failed_overlapped_decomposition_counts_at_the_step_that_installs_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overlapped, a decomposition is installed at the next step, or between steps by an inspection: its
+    failure counts at the first step after the install, and three in a row still stop training."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    pre = KFACPreconditioner(layer, max_consecutive_faults=3, overlap_decompositions=True, **HP)
+    train(layer, pre, steps=2)
+    good = pre.layer_state("").decomposition["qa"]  # installs step 1's
+
+    def broken_eigh(m: torch.Tensor):
+        raise torch.linalg.LinAlgError("forced failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
+    train(layer, pre, steps=2)  # step 2's failure is installed and counted at step 3; step 3's is on the worker
+    assert pre.faults.faults_total == 1
+    assert torch.equal(pre.layer_state("").decomposition["qa"], good)  # installs step 3's failure
+    train(layer, pre, steps=1)  # and step 4 counts it
+    assert pre.faults.faults_total == 2
+    with pytest.raises(KFACNumericalError, match=r"layer\(s\) \[''\] was non-finite on 3 consecutive steps"):
+        train(layer, pre, steps=1)
+
+
 def _owner_only_fault(rank: int, world: int, break_from_step: int) -> dict:
     """Two layers; the owner of layer '0' loses its eigh from ``break_from_step`` on."""
     torch.manual_seed(0)
