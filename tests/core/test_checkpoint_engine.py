@@ -131,6 +131,26 @@ def test_changing_method_on_resume_rebuilds_the_decompositions() -> None:
     assert set(resumed.layer_state("0").decomposition) == {"a_inv", "g_inv"}
 
 
+def test_a_decomposition_that_fails_while_a_state_loads_counts_as_a_fault_at_the_next_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model()
+    hp = {k: v for k, v in HP.items() if k not in ("method", "inv_update_steps")}
+    pre = KFACPreconditioner(model, method="eigen", inv_update_steps=10, **hp)
+    train(model, pre, range(3))  # slots 0, 1 and 2 of 10: step 3 decomposes nothing
+
+    def broken_cholesky(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise torch.linalg.LinAlgError("forced failure")
+
+    resumed = KFACPreconditioner(model, method="inverse", inv_update_steps=10, **hp)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.linalg, "cholesky_ex", broken_cholesky)
+        patch.setattr(torch.linalg, "inv", broken_cholesky)
+        resumed.load_state_dict(pre.state_dict())
+    assert resumed.layer_state("0").decomposition == {}
+    train(model, resumed, range(3, 4))  # the layers stay plain, and count as faulty
+    assert resumed.faults.faults_total == len(resumed.layers)
+
+
 def _gather_on_two_ranks(rank: int, world: int) -> dict:
     model = make_model()
     ddp = DistributedDataParallel(model)
