@@ -380,8 +380,13 @@ class KFACPreconditioner:
         """A table of the covered layers (factor sizes, owner, weight tying) and of every trainable
         parameter left to its plain gradient, with the reason."""
         if self.layers:
+            device = self.layers[0].weight.device
+            timing = ("overlapped with the next forward and backward pass"
+                      + (" (a CUDA side stream)" if device.type == "cuda" else " (a worker thread)")
+                      if overlaps(self.config.overlap_decompositions, self.config.mode, device) else "inline")
             lines = [f"K-FAC ({self.config.mode}, {self.config.method}) on {len(self.layers)} layers, "
-                     f"{self.world_size} rank(s), load max/mean {self.load_imbalance():.3f}:"]
+                     f"{self.world_size} rank(s), load max/mean {self.load_imbalance():.3f}; decompositions "
+                     f"{timing}:"]
         else:
             lines = [f"K-FAC ({self.config.mode}) covers no layer of this model: it trains exactly like DDP "
                      "(every gradient all-reduced, none preconditioned)."]

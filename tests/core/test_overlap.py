@@ -42,6 +42,12 @@ def test_overlap_is_on_for_cuda_in_dpkfac_by_default_and_on_cpu_only_when_asked(
     assert not overlaps("auto", "dkfac", cuda)
 
 
+def test_describe_says_where_decompositions_run() -> None:
+    assert "decompositions inline:" in KFACPreconditioner(_model(), lr=0.1).describe()  # "auto" on CPU
+    overlapped = KFACPreconditioner(_model(), lr=0.1, overlap_decompositions=True).describe()
+    assert "decompositions overlapped with the next forward and backward pass (a worker thread):" in overlapped
+
+
 @pytest.mark.parametrize("value", ["yes", 1, None, "true"])
 def test_an_invalid_overlap_setting_is_named(value: object) -> None:
     with pytest.raises(ValueError, match=f"overlap_decompositions={value!r} is invalid"):
