@@ -7,7 +7,9 @@ One optimizer step, after ``loss.backward()`` and the gradient sync (DDP's all-r
                  all-reduces them first (``distributed.modes``).
 2. decompose     once every ``inv_update_steps``, each layer in its own slot of the interval (all of them at
                  step 0; ``distributed.assignment.decomposition_slots``): owners decompose (``core.decomposition``,
-                 with the retry ladder of ``core.faults``); dkfac broadcasts the decompositions.
+                 with the retry ladder of ``core.faults``); dkfac broadcasts the decompositions. Overlapped
+                 (``core.overlap``, dpkfac), they run on a worker during the next forward and backward pass
+                 and are installed at the start of the next step.
 3. precondition  whoever holds a layer's decomposition packs its payload ``[P, sum(P * grad), flag]``
                  (``core.payload``); dpkfac's owners broadcast theirs.
 4. apply         every rank reads all flags in one host sync, applies the same KL-clip scale, writes ``P``
