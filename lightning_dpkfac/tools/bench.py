@@ -638,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"), {TASK_BATCH_SIZE} for the convergence tasks")
     p.add_argument("--kfac", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="kfac_overrides",
                    help="K-FAC settings of every trial where they differ from the library defaults, KFACConfig(): "
-                        "any field but mode and lr; VALUE an int, a float, None, True, False or a string")
+                        "any field but mode and lr; VALUE an int, a float, None, True, False or a string "
+                        "(overlap_decompositions=True is dpkfac's: dkfac keeps 'auto')")
     p.add_argument("--warmup-cycles", type=int, default=1,
                    help="step time: untimed K-FAC cycles (lcm(factor_update_steps, inv_update_steps) steps each) "
                         "before the timed ones; >= 1, since step 0 decomposes every layer")
