@@ -73,8 +73,7 @@ def owner_reduce_hook(router, bucket):  # type: ignore[no-untyped-def]
     comm: Communicator = router.comm
     buffer = bucket.buffer()
     router.on_bucket(is_last=bucket.is_last())
-    for param, grad in zip(bucket.parameters(), bucket.gradients()):
-        router.rows.check(param, grad)  # before the division below: grads are views of the buffer
+    router.rows.check(bucket.parameters(), bucket.gradients())  # before the division below: grads view the buffer
     if comm.world_size == 1:
         return _completed(buffer)
     by_owner: dict[int | None, list[Tensor]] = defaultdict(list)

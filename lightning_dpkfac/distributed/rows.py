@@ -189,9 +189,12 @@ class RowGatherer:
         """Whether layer ``index``'s gradient stays local because its owner gathers its rows instead."""
         return self.phase is RowPhase.DECIDED and index in self.captures
 
-    def check(self, param: Tensor, grad: Tensor) -> None:
-        """While deciding, record whether this rank's gradient of ``param`` equals ``g^T a`` (per block)."""
-        if self.phase is RowPhase.DECIDING:
+    def check(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """While deciding, record for each of this rank's gradients ``grads`` of ``params`` (a DDP bucket's)
+        whether it equals ``g^T a`` (per block); otherwise nothing."""
+        if self.phase is not RowPhase.DECIDING:
+            return
+        for param, grad in zip(params, grads):
             for i in self._layers_of.get(id(param), []):
                 if i in self.captures:
                     piece = self.layers[i].grad_piece(param, grad)
