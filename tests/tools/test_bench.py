@@ -270,6 +270,19 @@ def test_one_rank_reports_no_communication_ratio() -> None:
     assert ratios == {"computation": 1.0, "communication": None, "kfac_memory": 1.0, "peak_rss": None}
 
 
+def test_one_rank_is_not_judged_on_communication_goals() -> None:
+    def strategy(gradient_bytes: float) -> dict:
+        return {"bytes_per_step": {"gradients": gradient_bytes, "factors": 0.0}, "max_over_median": 1.5}
+
+    def goals(gradient_bytes: float) -> list[str]:
+        model = {"strategies": {"ddp": strategy(gradient_bytes), "dpkfac": strategy(gradient_bytes)}}
+        return [g["goal"] for g in evaluate_goals({"step_time": {"cnn": model}, "convergence": {}})]
+
+    assert goals(0.0) == ["cnn: dpkfac max step / median step <= 4"]
+    assert "cnn: dpkfac total bytes / DDP-SGD gradient bytes <= 1.05" in goals(1024.0)
+    assert "cnn: dpkfac factor bytes per step = 0" in goals(1024.0)
+
+
 @pytest.mark.parametrize("flags", [["--block-dim", "1"], ["--block-dim", "automatic"], ["--cycles", "0"],
                                    ["--warmup-cycles", "0"]])
 def test_invalid_windows_and_block_sizes_are_refused_before_any_trial(flags: list[str]) -> None:
