@@ -74,6 +74,12 @@ class KFACConfig:
             next step on (:mod:`lightning_dpkfac.core.overlap`); dpkfac only. ``"auto"``: on CUDA; ``True``:
             on any device (on CPU it takes a core that training does not use); ``False``: never.
             (default: "auto")
+        flush_denormal: on CPU, flush denormal floats (|x| < 1.2e-38 in float32) to zero in this process
+            (``torch.set_flush_denormal(True)``) when the engine is built. K-FAC squares gradients: once a
+            batch is well fitted its factors and products underflow into denormals, which CPUs compute many
+            times slower (docs/defaults.md: the digits CNN's epochs took 2x as long after 40 epochs). It is
+            process-wide, as TensorFlow sets it by default; ``False`` leaves the process's setting alone.
+            No effect on a model on a GPU. (default: True)
         max_consecutive_faults: a layer whose factors, decomposition or preconditioned gradient is
             non-finite on this many optimizer steps in a row stops training with an error; on fewer, it
             just keeps its plain gradient (or last good decomposition) for that step; >= 1. (default: 5)
@@ -95,6 +101,7 @@ class KFACConfig:
     gather_rows: bool = True
     max_factor_dim: int | str | None = 1024
     overlap_decompositions: bool | str = "auto"
+    flush_denormal: bool = True
     max_consecutive_faults: int = 5
 
     def __post_init__(self) -> None:
@@ -108,8 +115,9 @@ class KFACConfig:
             raise ValueError(f"mode={self.mode!r} is invalid: it must be one of {MODES}.")
         if not isinstance(self.kfac_bucket_cap_mb, (int, float)) or not self.kfac_bucket_cap_mb > 0:
             raise ValueError(f"kfac_bucket_cap_mb={self.kfac_bucket_cap_mb!r} is invalid: it must be > 0.")
-        if not isinstance(self.gather_rows, bool):
-            raise ValueError(f"gather_rows={self.gather_rows!r} is invalid: it must be True or False.")
+        for name in ("gather_rows", "flush_denormal"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be True or False.")
         check_max_factor_dim(self.max_factor_dim)
         overlap = self.overlap_decompositions
         if not (isinstance(overlap, bool) or overlap == "auto"):

@@ -46,8 +46,9 @@ class KFACStrategyMixin:
 
     Args:
         damping, factor_decay, kl_clip, lr, factor_update_steps, inv_update_steps, method, mode, skip_layers,
-            kfac_bucket_cap_mb, gather_rows, max_factor_dim, overlap_decompositions, max_consecutive_faults: the
-            :class:`~lightning_dpkfac.core.config.KFACConfig` fields, with the same defaults and meanings.
+            kfac_bucket_cap_mb, gather_rows, max_factor_dim, overlap_decompositions, flush_denormal,
+            max_consecutive_faults: the :class:`~lightning_dpkfac.core.config.KFACConfig` fields, with the
+            same defaults and meanings.
             ``lr`` left at ``None`` makes KL-clip read the learning rate of the optimizer's first
             parameter group.
         kfac_config: all of the above as one :class:`KFACConfig`, instead of the keywords (giving both
@@ -78,6 +79,7 @@ class KFACStrategyMixin:
         gather_rows: bool = _DEFAULTS["gather_rows"],
         max_factor_dim: int | str | None = _DEFAULTS["max_factor_dim"],
         overlap_decompositions: bool | str = _DEFAULTS["overlap_decompositions"],
+        flush_denormal: bool = _DEFAULTS["flush_denormal"],
         max_consecutive_faults: int = _DEFAULTS["max_consecutive_faults"],
         kfac_config: KFACConfig | None = None,
         **kwargs: Any,
@@ -86,7 +88,7 @@ class KFACStrategyMixin:
                      factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps, method=method,
                      mode=mode, skip_layers=skip_layers, kfac_bucket_cap_mb=kfac_bucket_cap_mb,
                      gather_rows=gather_rows, max_factor_dim=max_factor_dim,
-                     overlap_decompositions=overlap_decompositions,
+                     overlap_decompositions=overlap_decompositions, flush_denormal=flush_denormal,
                      max_consecutive_faults=max_consecutive_faults)
         for name in kwargs:  # DDPStrategy would only fail on these after the ranks started
             if name not in _DDP_STRATEGY_ARGS | _DDP_MODULE_ARGS:

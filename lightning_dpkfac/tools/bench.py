@@ -480,7 +480,8 @@ def _evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], metric: st
 def _tune_cpu_process() -> None:
     """What one does for training on CPU, for every strategy alike: flush denormal floats to zero
     (|x| < 1.2e-38, e.g. the gradients of a well-fitted batch, make matrix products and convolutions
-    many times slower), and keep freed memory in the process (glibc returns large blocks to the OS, whose
+    many times slower; the K-FAC engine does it by itself, ``flush_denormal``: here the DDP baselines get it
+    too), and keep freed memory in the process (glibc returns large blocks to the OS, whose
     page faults on re-allocation would cost every step: the same effect as running under tcmalloc or
     jemalloc). docs/benchmarks.md has the measurements."""
     torch.set_flush_denormal(True)

@@ -23,6 +23,7 @@ from lightning_dpkfac import DPKFACStrategy, KFACConfig, KFACPreconditioner, Uns
         ({"mode": "kaisa"}, r"mode='kaisa' is invalid: it must be one of \('dpkfac', 'dkfac'\)"),
         ({"kfac_bucket_cap_mb": 0}, r"kfac_bucket_cap_mb=0 is invalid"),
         ({"gather_rows": "yes"}, r"gather_rows='yes' is invalid: it must be True or False"),
+        ({"flush_denormal": "auto"}, r"flush_denormal='auto' is invalid: it must be True or False"),
     ],
 )
 def test_invalid_hyper_parameter_raises_value_error_naming_it(changes: dict, message: str) -> None:
@@ -133,3 +134,16 @@ def test_kl_clip_with_groups_of_different_lr_asks_for_an_explicit_lr() -> None:
     with pytest.raises(ValueError, match=r"different learning rates \[0.01, 0.1\].*pass lr=\.\.\. to the strategy"):
         check_optimizers([torch.optim.SGD(groups)], KFACPreconditioner(model))
     check_optimizers([torch.optim.SGD(groups)], KFACPreconditioner(model, lr=0.1))  # explicit lr: fine
+
+
+def _denormals_flushed() -> bool:
+    """Whether this process flushes denormal floats: (1e-20)^2 = 1e-40 is one in float32."""
+    return float(torch.tensor(1e-20) ** 2) == 0.0
+
+
+def test_an_engine_on_cpu_flushes_denormal_floats_unless_told_not_to() -> None:
+    torch.set_flush_denormal(False)
+    KFACPreconditioner(nn.Linear(4, 3), lr=0.1, flush_denormal=False)
+    assert not _denormals_flushed()
+    KFACPreconditioner(nn.Linear(4, 3), lr=0.1)
+    assert _denormals_flushed()  # left on: what every engine of this session sets by default

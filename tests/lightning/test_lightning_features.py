@@ -71,6 +71,11 @@ def test_full_precision_trains_with_float32_factors(two_rank_run) -> None:
     assert result["kfac_steps"] == result["steps"] == 3 * STEPS_PER_EPOCH[2]
 
 
+def test_every_cpu_rank_flushes_denormal_floats_under_the_kfac_strategy(two_rank_run) -> None:
+    _, result = two_rank_run  # the library default flush_denormal=True
+    assert result["denormals_flushed"] == [True, True]
+
+
 def test_accumulated_batches_run_kfac_once_per_optimizer_step(tmp_path: Path) -> None:
     result = fit(tmp_path, "run", "--devices", "2", "--accumulate", "2")
     assert result["kfac_steps"] == result["steps"] == STEPS_PER_EPOCH[2] // 2

@@ -250,6 +250,8 @@ def main() -> None:
     dist.all_gather_object(gathered, recorder.factors_at_start)
     gathered_threads: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(gathered_threads, torch.get_num_threads())
+    gathered_flushed: list[Any] = [None] * trainer.world_size  # a denormal square is 0 where they are flushed
+    dist.all_gather_object(gathered_flushed, float(torch.tensor(1e-20) ** 2) == 0.0)
     gathered_params: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(gathered_params, [p.detach() for p in module.parameters()])
     gathered_hook_calls: list[Any] = [None] * trainer.world_size
@@ -277,6 +279,7 @@ def main() -> None:
                 "max_update_norm": recorder.max_update_norm,
                 "row_layers": recorder.row_layers,
                 "threads": gathered_threads,
+                "denormals_flushed": gathered_flushed,
             },
             args.out,
         )
