@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_dpkfac.tools import bench, plan
+from lightning_dpkfac.tools import bench, linalg_timings, plan
 from lightning_dpkfac.tools.bench_report import write_plots
 from lightning_dpkfac.tools.data import DigitsDataModule, MNIST1DDataModule
 
@@ -72,7 +72,8 @@ def test_what_needs_a_missing_extra_package_names_it_and_the_extra(
     assert str(error.value) == message
 
 
-@pytest.mark.parametrize("build_parser", [bench.build_parser, plan.build_parser], ids=["bench", "plan"])
+@pytest.mark.parametrize("build_parser", [bench.build_parser, plan.build_parser, linalg_timings.build_parser],
+                         ids=["bench", "plan", "linalg_timings"])
 def test_every_option_has_a_help_text_that_shows_its_default(build_parser: Callable[[], argparse.ArgumentParser]
                                                               ) -> None:
     parser = build_parser()
