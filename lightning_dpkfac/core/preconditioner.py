@@ -21,7 +21,6 @@ This class wires the parts together; each mechanism lives in the module named ab
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -81,8 +80,9 @@ class KFACPreconditioner:
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         found = discover_layers(model, cfg.skip_layers, cfg.max_factor_dim, self.world_size, cfg.inv_update_steps)
         self.layers, self.skipped, self._attention = found.layers, found.skipped, found.attention
-        if cfg.flush_denormal and any(layer.weight.device.type == "cpu" for layer in self.layers):
-            _flush_denormals()
+        #: whether building this engine flushed denormal floats in the process (``KFACConfig.flush_denormal``)
+        self.flushed_denormals = (cfg.flush_denormal and any(l.weight.device.type == "cpu" for l in self.layers)
+                                  and torch.set_flush_denormal(True))  # False where the CPU cannot
         #: trainable parameters left to their plain gradient, with the reason (``describe()`` lists them)
         self.plain = plain_parameters(model, self.layers, self.skipped)
         shapes = [l.shape for l in self.layers]
@@ -391,7 +391,7 @@ class KFACPreconditioner:
                       if overlaps(self.config.overlap_decompositions, self.config.mode, device) else "inline")
             lines = [f"K-FAC ({self.config.mode}, {self.config.method}) on {len(self.layers)} layers, "
                      f"{self.world_size} rank(s), load max/mean {self.load_imbalance():.3f}; decompositions "
-                     f"{timing}:"]
+                     f"{timing}; denormal floats {'flushed to zero' if self.flushed_denormals else 'kept'}:"]
         else:
             lines = [f"K-FAC ({self.config.mode}) covers no layer of this model: it trains exactly like DDP "
                      "(every gradient all-reduced, none preconditioned)."]
@@ -477,18 +477,6 @@ class KFACPreconditioner:
             if layer.name == name:
                 return i
         raise KeyError(f"'{name}' is not a K-FAC layer; covered layers: {[l.name for l in self.layers]}")
-
-
-def _flush_denormals() -> None:
-    """Flush denormal floats to zero in this process (``KFACConfig.flush_denormal``)."""
-    if torch.set_flush_denormal(True):  # False: this CPU cannot
-        _say_denormals_are_flushed()
-
-
-@functools.cache
-def _say_denormals_are_flushed() -> None:
-    log.info("K-FAC on CPU: denormal floats are flushed to zero in this process (they make CPU arithmetic many "
-             "times slower once K-FAC's squared gradients underflow); flush_denormal=False keeps them.")
 
 
 def _sizes(layer: KFACLayer) -> str:

@@ -143,7 +143,8 @@ def _denormals_flushed() -> bool:
 
 def test_an_engine_on_cpu_flushes_denormal_floats_unless_told_not_to() -> None:
     torch.set_flush_denormal(False)
-    KFACPreconditioner(nn.Linear(4, 3), lr=0.1, flush_denormal=False)
-    assert not _denormals_flushed()
-    KFACPreconditioner(nn.Linear(4, 3), lr=0.1)
+    kept = KFACPreconditioner(nn.Linear(4, 3), lr=0.1, flush_denormal=False)
+    assert not _denormals_flushed() and "denormal floats kept:" in kept.describe()
+    flushed = KFACPreconditioner(nn.Linear(4, 3), lr=0.1)
     assert _denormals_flushed()  # left on: what every engine of this session sets by default
+    assert "denormal floats flushed to zero:" in flushed.describe()

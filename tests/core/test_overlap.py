@@ -43,9 +43,9 @@ def test_overlap_is_on_for_cuda_in_dpkfac_by_default_and_on_cpu_only_when_asked(
 
 
 def test_describe_says_where_decompositions_run() -> None:
-    assert "decompositions inline:" in KFACPreconditioner(_model(), lr=0.1).describe()  # "auto" on CPU
+    assert "decompositions inline;" in KFACPreconditioner(_model(), lr=0.1).describe()  # "auto" on CPU
     overlapped = KFACPreconditioner(_model(), lr=0.1, overlap_decompositions=True).describe()
-    assert "decompositions overlapped with the next forward and backward pass (a worker thread):" in overlapped
+    assert "decompositions overlapped with the next forward and backward pass (a worker thread);" in overlapped
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None, "true"])
